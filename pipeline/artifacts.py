@@ -1,0 +1,105 @@
+"""What a stage leaves on disk, and how we know it is whole.
+
+runs/<run>/<stage>/
+    stage.json      manifest: status, config hash, input hashes, timings, metrics (written atomically)
+    checkpoints/    checkpoint-N/ from the trainer; one counts only once it holds the COMPLETE marker
+    final/          the stage's result (a PEFT adapter or a full model)
+    metrics.jsonl   every logged metric, one JSON object per line
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+COMPLETE_MARKER = "COMPLETE"
+STATUSES = ("pending", "running", "completed", "failed", "interrupted")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    # A crash mid-write must leave either the old file or the new one, never half of either.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / "stage.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def write_manifest(stage_dir: Path, manifest: dict) -> None:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(stage_dir / "stage.json", manifest)
+
+
+def hash_config(section: dict) -> str:
+    return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hash_path(path: Path) -> str:
+    """Content hash of a file, or of every file under a directory (names included), in a stable order."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints that finished saving, oldest first. Half-written ones (no marker) are never candidates."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if checkpoint_step(p) >= 0 and (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=checkpoint_step)
+
+
+def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    if not checkpoint_dir.is_dir():
+        return []
+    return [p for p in checkpoint_dir.iterdir() if checkpoint_step(p) >= 0 and not (p / COMPLETE_MARKER).exists()]
+
+
+def archive_stage_dir(stage_dir: Path) -> Path:
+    """Move a stage's earlier results aside instead of deleting them: nothing a user produced is ever lost."""
+    target = stage_dir.parent / ".history" / f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(stage_dir), target)
+    return target
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete. Trainer calls on_save only after every file of the checkpoint is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                (path / COMPLETE_MARKER).write_text(f"step {state.global_step}\n")
+
+
+class MetricsFile(TrainerCallback):
+    """Appends every log event to metrics.jsonl, so metrics survive without any tracker."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")

@@ -1,0 +1,109 @@
+"""python -m pipeline: run, plan, status, validate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Models and data are never fetched from a hub at run time; fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.config import STAGE_ORDER, load_config  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.log import console, log  # noqa: E402
+
+
+def _config_args(parser: argparse.ArgumentParser, stages: bool = True) -> None:
+    parser.add_argument("--config", help="YAML run config (default: configs/demo.yaml)")
+    parser.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<config name>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set sft.trainer.learning_rate=1e-4 (repeatable)")
+    if stages:
+        parser.add_argument("--stage", action="append", choices=STAGE_ORDER,
+                            help="run only this stage (repeatable); default: every enabled stage in order")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="A staged RLHF / RLAIF training pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run stages, resuming interrupted ones and skipping finished ones")
+    _config_args(run)
+    run.add_argument("--fresh", action="store_true",
+                     help="discard the selected stages' earlier progress (moved to <run-dir>/.history/)")
+    plan = commands.add_parser("plan", help="show which stages would run, resume or be skipped, and why")
+    _config_args(plan)
+    status = commands.add_parser("status", help="per-stage status, newest complete checkpoint, headline metrics")
+    status.add_argument("--run-dir", required=True)
+    status.add_argument("--json", action="store_true", help='print {"stages": {name: {...}}}')
+    validate = commands.add_parser("validate", help="preflight without training: data, tokenizer, lengths, PEFT")
+    _config_args(validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PipelineError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to resume")
+        return 130
+
+
+def _setup(args):
+    from pipeline.runner import Runner, default_run_dir, selected_stages
+
+    config = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    return Runner(config, run_dir, getattr(args, "fresh", False)), selected_stages(config, args.stage)
+
+
+def cmd_run(args) -> int:
+    runner, names = _setup(args)
+    manifests = runner.run(names)
+    return 0 if all(m and m.get("status") == "completed" for m in manifests) else 1
+
+
+def cmd_plan(args) -> int:
+    runner, names = _setup(args)
+    for decision in runner.plan(names):
+        console.print(f"[bold]{decision.stage:<6}[/bold] {decision.action:<7} {decision.reason}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.runner import stage_status
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError(f"no run directory at {run_dir}")
+    stages = {name: stage_status(run_dir, name) for name in STAGE_ORDER}
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "stages": stages}, indent=2, default=str))
+        return 0
+    for name, info in stages.items():
+        metrics = info.get("metrics", {})
+        headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith("loss") and v is not None)
+        console.print(f"[bold]{name:<6}[/bold] {info['status']:<12} checkpoint={info.get('newest_checkpoint')} "
+                      f"{headline}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pipeline.validate import validate
+
+    runner, names = _setup(args)
+    return validate(runner.config, names)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate}
+
+if __name__ == "__main__":
+    sys.exit(main())

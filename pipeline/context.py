@@ -1,0 +1,60 @@
+"""What the runner hands a stage: its config, its directory, where its model comes from, and where to resume."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import CheckpointMarker, MetricsFile, read_manifest, write_manifest
+from pipeline.config import RunConfig, StageConfig
+
+
+@dataclass
+class ModelSource:
+    """Where a stage's starting weights come from: a full model directory, plus an optional PEFT adapter on it."""
+
+    base: Path
+    adapter: Path | None = None
+    description: str = "the base model"
+
+    @property
+    def adapter_method(self) -> str | None:
+        if self.adapter is None:
+            return None
+        return json.loads((self.adapter / "adapter_config.json").read_text())["peft_type"].lower()
+
+    def to_dict(self) -> dict:
+        return {"base": str(self.base), "adapter": str(self.adapter) if self.adapter else None,
+                "description": self.description}
+
+
+@dataclass
+class StageContext:
+    name: str
+    config: RunConfig
+    stage_dir: Path
+    init: ModelSource
+    run_name: str
+    resume_from: Path | None = None
+
+    @property
+    def section(self) -> StageConfig:
+        return self.config.stage(self.name)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.stage_dir / "final"
+
+    def record_metrics(self, metrics: dict) -> None:
+        """Store metrics in the manifest right away, so they survive a crash before the stage completes."""
+        manifest = read_manifest(self.stage_dir) or {}
+        manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+        write_manifest(self.stage_dir, manifest)
+
+    def callbacks(self) -> list:
+        return [CheckpointMarker(), MetricsFile(self.stage_dir / "metrics.jsonl")]

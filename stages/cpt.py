@@ -1,0 +1,29 @@
+"""Stage cpt: continued pretraining, plain language modelling on raw domain text (every token carries loss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.data import load_texts
+from pipeline.render import tokenize_documents
+from stages import lm
+
+NAME = "cpt"
+
+
+def load(config: RunConfig) -> tuple[list, list]:
+    """Parse and split the documents; raises DataError before any compute is spent."""
+    data = config.cpt.data
+    documents = load_texts(Path(data.train), data.columns)
+    if data.eval:
+        return documents, load_texts(Path(data.eval), data.columns)
+    return lm.split_eval(documents, data.eval_split, config.seed)
+
+
+def tokenize(config: RunConfig, tokenizer, train_docs: list, eval_docs: list, max_length: int):
+    return tokenize_documents(tokenizer, train_docs, max_length), tokenize_documents(tokenizer, eval_docs, max_length)
+
+
+def run(ctx) -> dict:
+    return lm.run_stage(ctx, load, tokenize)

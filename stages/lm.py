@@ -1,0 +1,173 @@
+"""Language-model training shared by cpt and sft: both hand pre-tokenized rows to TRL's SFTTrainer.
+
+The stages differ only in how they turn records into rows (raw-text blocks vs. templated conversations with loss
+on responses); model set-up, trainer arguments, resume and the final save live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline.config import suggest
+from pipeline.context import StageContext
+from pipeline.errors import ConfigError
+from pipeline.log import log, warn
+from pipeline.models import PEFT_TYPES, load_causal_lm, load_tokenizer, peft_config_for
+from pipeline.render import show_sample
+
+# Keys the runner owns: a user setting them would scatter a stage's artifacts or bypass tracking settings.
+MANAGED_KEYS = ("output_dir", "report_to", "run_name", "resume_from_checkpoint")
+
+
+def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded fraction of records (at least one when any are asked for)."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(records) * fraction))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def trainer_args(config_cls, ctx_or_name, trainer: dict, seed: int, **managed):
+    """Build the TRL config dataclass from the stage's `trainer:` keys, naming any bad key in the error."""
+    stage = ctx_or_name if isinstance(ctx_or_name, str) else ctx_or_name.name
+    valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for key in trainer:
+        if key in MANAGED_KEYS:
+            raise ConfigError(f"{stage}.trainer.{key} is set by the pipeline (see tracking: and --run-dir)")
+        if key not in valid:
+            raise ConfigError(f"{stage}.trainer.{key} is not an option of {config_cls.__name__}{suggest(key, valid)}")
+    kwargs = {
+        "seed": seed,
+        # TRL defaults to bf16, which CPUs without native support run slowly or not at all.
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "save_strategy": "steps",
+        "disable_tqdm": True,  # the Rich progress callback replaces tqdm
+        **trainer,
+        **managed,
+    }
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{stage}.trainer: {exc}") from None
+
+
+def load_training_model(ctx: StageContext, tokenizer):
+    """The model to train: the starting weights with the configured PEFT method, continuing an earlier adapter
+    when it is of the same method; returns (model, base directory the final adapter will refer to)."""
+    from peft import PeftModel, get_peft_model
+
+    source, peft = ctx.init, ctx.config.peft
+    model = load_causal_lm(source.base, ctx.config.model, tokenizer)
+    base_dir = source.base
+    if source.adapter is not None:
+        if source.adapter_method == PEFT_TYPES.get(peft.method):
+            log(f"{ctx.name}: continuing to train the {peft.method} adapter from {source.description}")
+            return PeftModel.from_pretrained(model, source.adapter, is_trainable=True), base_dir
+        if source.adapter_method not in ("lora", "ia3"):
+            raise ConfigError(
+                f"{ctx.name} uses peft.method={peft.method} but starts from a {source.adapter_method} adapter "
+                f"({source.description}), which cannot be merged into the base; use the same method in both stages"
+            )
+        # A different method on top: fold the earlier adapter into the weights and keep that merged base, so the
+        # new adapter still loads on exactly the weights it was trained on.
+        model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
+        base_dir = ctx.stage_dir / "base"
+        if not (base_dir / "config.json").exists():
+            _save_atomic(lambda out: (model.save_pretrained(out), tokenizer.save_pretrained(out)), base_dir)
+        log(f"{ctx.name}: merged {source.description} into the base weights at {base_dir}")
+    peft_config = peft_config_for(peft)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    return model, base_dir
+
+
+def max_length(trainer: dict) -> int:
+    """The sequence limit: the stage's trainer.max_length, or SFTConfig's own default (one source of truth)."""
+    from trl import SFTConfig
+
+    return trainer.get("max_length") or SFTConfig.__dataclass_fields__["max_length"].default
+
+
+def run_stage(ctx: StageContext, load, tokenize) -> dict:
+    """The whole of a cpt or sft stage: parse, tokenize (counting what is dropped), train."""
+    train_records, eval_records = load(ctx.config)
+    tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
+    limit = max_length(ctx.section.trainer)
+    train_tok, eval_tok = tokenize(ctx.config, tokenizer, train_records, eval_records, limit)
+    dropped = train_tok.dropped_too_long + eval_tok.dropped_too_long
+    if dropped:
+        warn(f"{ctx.name}: {dropped} samples are longer than max_length={limit} tokens and were left out "
+             f"({train_tok.dropped_too_long} train, {eval_tok.dropped_too_long} eval; longest {train_tok.longest})")
+    if not train_tok.rows:
+        raise ConfigError(f"{ctx.name}: no training sample fits in max_length={limit}; raise {ctx.name}.trainer.max_length")
+    log(f"{ctx.name}: {len(train_tok.rows)} train / {len(eval_tok.rows)} eval sequences from "
+        f"{len(train_records)} / {len(eval_records)} records; one sample, loss-carrying text in ⟦ ⟧:")
+    log(show_sample(tokenizer, train_tok.rows[0]), style="dim", markup=False)
+    data_metrics = {
+        "data/train_records": len(train_records), "data/eval_records": len(eval_records),
+        "data/train_sequences": len(train_tok.rows), "data/eval_sequences": len(eval_tok.rows),
+        "data/dropped_too_long": dropped,
+    }
+    return train(ctx, tokenizer, train_tok.rows, eval_tok.rows, data_metrics)
+
+
+def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[dict], data_metrics: dict) -> dict:
+    """Train with SFTTrainer on pre-tokenized rows, resume if asked, save final/ atomically; return metrics."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    section = ctx.section
+    model, base_dir = load_training_model(ctx, tokenizer)
+    eval_defaults = {"eval_strategy": "steps"} if eval_rows else {}
+    args = trainer_args(
+        SFTConfig, ctx.name, {**eval_defaults, **section.trainer}, ctx.config.seed,
+        output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{ctx.name}",
+        report_to=list(ctx.config.tracking.report_to) or "none",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks=[*ctx.callbacks(), RichProgressCallback()],
+    )
+    trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the Rich panel and metrics.jsonl have them
+    metrics = dict(data_metrics)
+    if eval_rows and ctx.resume_from is None:
+        # TRL's Rich progress bar only exists between train begin and end, so the baseline runs without it.
+        progress = trainer.pop_callback(RichProgressCallback)
+        ctx.record_metrics({"eval/loss_before": trainer.evaluate()["eval_loss"]})
+        trainer.add_callback(progress)
+    if ctx.resume_from is not None:
+        log(f"{ctx.name}: resuming from {ctx.resume_from}")
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics["train/loss"] = result.training_loss
+    metrics["train/steps"] = result.global_step
+    if eval_rows:
+        trainer.pop_callback(RichProgressCallback)
+        metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+    if trainer.is_world_process_zero():
+        _save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+    metrics["base_model"] = str(base_dir)
+    return metrics
+
+
+def _save_atomic(save, target: Path) -> None:
+    """Write into a temporary sibling, then rename, so a crash never leaves a half-written result behind."""
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    save(staging)
+    if target.exists():
+        warn(f"replacing {target}")
+        shutil.rmtree(target)
+    os.replace(staging, target)

@@ -1,0 +1,34 @@
+"""Stage sft: supervised fine-tuning on chat data, with the loss on the assistant's responses only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.data import Delimiters, load_conversations
+from pipeline.render import tokenize_conversations
+from stages import lm
+
+NAME = "sft"
+
+
+def load(config: RunConfig) -> tuple[list, list]:
+    """Parse and split the conversations; raises DataError before any compute is spent."""
+    data = config.sft.data
+    delimiters = Delimiters(**data.delimiters)
+
+    def read(path: str) -> list:
+        return load_conversations(Path(path), data.format, data.columns, delimiters)
+
+    if data.eval:
+        return read(data.train), read(data.eval)
+    return lm.split_eval(read(data.train), data.eval_split, config.seed)
+
+
+def tokenize(config: RunConfig, tokenizer, train_convs: list, eval_convs: list, max_length: int):
+    return (tokenize_conversations(tokenizer, train_convs, max_length),
+            tokenize_conversations(tokenizer, eval_convs, max_length))
+
+
+def run(ctx) -> dict:
+    return lm.run_stage(ctx, load, tokenize)
