@@ -49,7 +49,9 @@ def hash_path(path: Path) -> str:
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        name = str(file.relative_to(path) if path.is_dir() else file.name).encode()
+        # Lengths first, so bytes cannot shift between one file's name or content and the next's.
+        digest.update(f"{len(name)}:{file.stat().st_size}:".encode() + name)
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -72,12 +74,17 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
 def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
-    return [p for p in checkpoint_dir.iterdir() if checkpoint_step(p) >= 0 and not (p / COMPLETE_MARKER).exists()]
+    return [p for p in checkpoint_dir.iterdir()
+            if p.is_dir() and checkpoint_step(p) >= 0 and not (p / COMPLETE_MARKER).exists()]
 
 
 def archive_stage_dir(stage_dir: Path) -> Path:
     """Move a stage's earlier results aside instead of deleting them: nothing a user produced is ever lost."""
-    target = stage_dir.parent / ".history" / f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target = stage_dir.parent / ".history" / stamp
+    suffix = 1
+    while target.exists():  # two archives within one second must sit side by side, not one inside the other
+        target, suffix = target.with_name(f"{stamp}-{suffix}"), suffix + 1
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(stage_dir), target)
     return target

@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.config import STAGE_ORDER, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.log import console, log  # noqa: E402
+from pipeline.log import console, out  # noqa: E402
 
 
 def _config_args(parser: argparse.ArgumentParser, stages: bool = True) -> None:
@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     runner, names = _setup(args)
     for decision in runner.plan(names):
-        console.print(f"[bold]{decision.stage:<6}[/bold] {decision.action:<7} {decision.reason}")
+        out.print(f"[bold]{decision.stage:<6}[/bold] {decision.action:<7} {decision.reason}")
     return 0
 
 
@@ -91,8 +91,7 @@ def cmd_status(args) -> int:
     for name, info in stages.items():
         metrics = info.get("metrics", {})
         headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith("loss") and v is not None)
-        console.print(f"[bold]{name:<6}[/bold] {info['status']:<12} checkpoint={info.get('newest_checkpoint')} "
-                      f"{headline}")
+        out.print(f"[bold]{name:<6}[/bold] {info['status']:<12} checkpoint={info.get('newest_checkpoint')} {headline}")
     return 0
 
 

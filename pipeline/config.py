@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,11 +102,26 @@ class RunConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply `KEY=VALUE` overrides (dotted keys, YAML values) and validate it."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
@@ -130,7 +146,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[leaf] = yaml.safe_load(value) if value else ""
+    node[leaf] = parse_yaml(value) if value else ""
 
 
 def _build(cls, raw: Any, prefix: str, source: str):

@@ -6,7 +6,8 @@ import os
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False)  # progress and messages
+out = Console(highlight=False, soft_wrap=True)  # a command's answer (plan, status), for pipes and scripts
 
 
 def is_main_process() -> bool:

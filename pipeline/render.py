@@ -44,8 +44,10 @@ def render_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
             )
         spans.append((len(before), len(through.rstrip())))
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A token straddling a span's start (a template ending its prompt in a space merges it with the answer's first
+    # word) still carries loss: masking it would hide the first word of every answer.
     labels = [
-        token if any(start <= lo and hi <= end for start, end in spans) else IGNORE
+        token if any(lo < end and hi > start for start, end in spans) else IGNORE
         for token, (lo, hi) in zip(encoded["input_ids"], encoded["offset_mapping"])
     ]
     return encoded["input_ids"], labels

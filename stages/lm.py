@@ -60,6 +60,18 @@ def trainer_args(config_cls, ctx_or_name, trainer: dict, seed: int, **managed):
         raise ConfigError(f"{stage}.trainer: {exc}") from None
 
 
+def stage_defaults(config, has_eval: bool) -> dict:
+    """Trainer defaults that depend on the rest of the config; the stage's own trainer keys override them."""
+    defaults = {"eval_strategy": "steps"} if has_eval else {}
+    if config.peft.method == "prefix":
+        # Prefix tuning feeds its prefix as a KV cache; recomputing a layer under activation checkpointing appends
+        # the prefix to that cache twice and the attention shapes no longer match.
+        if any(config.stage(name).trainer.get("gradient_checkpointing") for name in ("cpt", "sft")):
+            raise ConfigError("peft.method=prefix cannot train with trainer.gradient_checkpointing: set it to false")
+        defaults["gradient_checkpointing"] = False
+    return defaults
+
+
 def load_training_model(ctx: StageContext, tokenizer):
     """The model to train: the starting weights with the configured PEFT method, continuing an earlier adapter
     when it is of the same method; returns (model, base directory the final adapter will refer to)."""
@@ -129,9 +141,8 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
 
     section = ctx.section
     model, base_dir = load_training_model(ctx, tokenizer)
-    eval_defaults = {"eval_strategy": "steps"} if eval_rows else {}
     args = trainer_args(
-        SFTConfig, ctx.name, {**eval_defaults, **section.trainer}, ctx.config.seed,
+        SFTConfig, ctx.name, {**stage_defaults(ctx.config, has_eval=bool(eval_rows)), **section.trainer}, ctx.config.seed,
         output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{ctx.name}",
         report_to=list(ctx.config.tracking.report_to) or "none",
     )

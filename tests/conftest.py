@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests never touch the network and never need a GPU: built-in models are materialised once into
+a persistent cache (so CI pays the GGUF conversion once), trackers run offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("PIPELINE_CACHE_DIR", str(Path.home() / ".cache" / "alignment-pipeline-tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from pipeline.models import resolve_model_path
+
+    return resolve_model_path("tiny-random-smollm2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig("tiny-random-smollm2"))
+
+
+def run_pipeline(*args: str, check: bool = True):
+    """Run `python -m pipeline ...` in a subprocess from the repo root, as a user would."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
+def load_safetensors_dir(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

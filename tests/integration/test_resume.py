@@ -1,0 +1,67 @@
+"""A stage killed with SIGKILL after its first checkpoint resumes from it and ends equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, load_safetensors_dir, run_pipeline
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+# Long enough that the kill lands mid-run; a checkpoint every 2 steps.
+LONG = ["--set", "{stage}.trainer.max_steps=40", "--set", "{stage}.trainer.save_steps=2"]
+
+
+def _args(stage: str, run_dir) -> list[str]:
+    return ["run", "--config", SMOKE, "--stage", stage, "--run-dir", str(run_dir), *(a.format(stage=stage) for a in LONG)]
+
+
+def _kill_after_first_checkpoint(stage: str, run_dir) -> str:
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *_args(stage, run_dir)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / stage / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
+        if markers:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return sorted(m.parent.name for m in markers)[0]
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")
+
+
+@pytest.mark.parametrize("stage", ["sft", "cpt"])
+def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, stage):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_pipeline(*_args(stage, reference))
+
+    _kill_after_first_checkpoint(stage, killed)
+    status = json.loads(run_pipeline("status", "--run-dir", str(killed), "--json").stdout)["stages"][stage]
+    assert status["status"] == "interrupted"
+    newest = status["newest_checkpoint"]
+    assert newest is not None
+
+    # A half-written checkpoint (no completion marker) must never be picked.
+    decoy = killed / stage / "checkpoints" / "checkpoint-39"
+    decoy.mkdir()
+    (decoy / "trainer_state.json").write_text("{}")
+
+    result = run_pipeline(*_args(stage, killed))
+    assert f"resuming from {newest}" in result.stderr.replace("\n", " ")
+    manifest = json.loads((killed / stage / "stage.json").read_text())
+    assert manifest["status"] == "completed" and manifest["resumed_from"] == newest and manifest["attempts"] == 2
+    assert not decoy.exists(), "the partial checkpoint is moved to .history/, not resumed from"
+
+    expected, actual = load_safetensors_dir(reference / stage / "final"), load_safetensors_dir(killed / stage / "final")
+    assert expected.keys() == actual.keys()
+    diff = max((expected[k] - actual[k]).abs().max().item() for k in expected)
+    assert diff <= 1e-6, f"resumed {stage} differs from the uninterrupted run by {diff}"
+    assert any(torch.count_nonzero(t) for t in actual.values())

@@ -1,0 +1,369 @@
+"""Config loading and validation: every shipped config is valid, every mistake names its dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import PEFT_METHODS, RunConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.models import peft_config_for
+from pipeline.runner import preflight, selected_stages
+from stages.lm import MANAGED_KEYS, trainer_args
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SFT_TRAIN = "data/sft/beekeeping_qa.jsonl"
+
+
+def write_config(tmp_path: Path, data: dict, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def minimal(**sections) -> dict:
+    """A valid config with only the sft stage; keyword sections are merged in."""
+    data = {"sft": {"data": {"train": SFT_TRAIN, "format": "messages"}}}
+    for key, value in sections.items():
+        data[key] = value
+    return data
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    """Data paths in the configs are relative to the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+# ---------------------------------------------------------------------------- shipped configs
+
+def test_there_are_configs():
+    assert CONFIGS, "configs/*.yaml is empty"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_passes_preflight(path, in_repo):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.source == str(path)
+    stages = selected_stages(config, None)
+    assert stages
+    preflight(config, stages)
+
+
+def test_default_config_is_demo():
+    config = load_config(None)
+    assert Path(config.source).name == "demo.yaml"
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top_list = tmp_path / "list.yaml"
+    top_list.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top_list)
+
+
+def test_writing_a_stage_section_enables_it(tmp_path):
+    config = load_config(write_config(tmp_path, minimal(cpt={"data": {"train": "data/cpt/beekeeping.txt"}})))
+    assert config.cpt.enabled and config.sft.enabled
+    assert selected_stages(config, None) == ["cpt", "sft"]
+    off = load_config(write_config(tmp_path, minimal(cpt={"enabled": False, "data": {"train": "x.txt"}})))
+    assert selected_stages(off, None) == ["sft"]
+    assert load_config(write_config(tmp_path, minimal())).cpt.enabled is False  # absent section: off
+
+
+def test_selected_stages_errors(tmp_path):
+    config = load_config(write_config(tmp_path, minimal()))
+    assert selected_stages(config, ["sft", "cpt"]) == ["cpt", "sft"]  # pipeline order, not argument order
+    with pytest.raises(ConfigError, match="unknown stage 'stf'"):
+        selected_stages(config, ["stf"])
+    none = load_config(write_config(tmp_path, {"sft": {"enabled": False}}))
+    with pytest.raises(ConfigError, match="no stage is enabled"):
+        selected_stages(none, None)
+
+
+# ---------------------------------------------------------------------------- unknown keys
+
+@pytest.mark.parametrize("data, dotted, suggestion", [
+    ({"sed": 1}, "sed", "seed"),
+    ({"trackng": {}}, "trackng", "tracking"),
+    ({"sft": {"trainr": {}}}, "sft.trainr", "trainer"),
+    ({"model": {"nme_or_path": "x"}}, "model.nme_or_path", "name_or_path"),
+    ({"sft": {"data": {"trian": "x"}}}, "sft.data.trian", "train"),
+    ({"peft": {"metod": "lora"}}, "peft.metod", "method"),
+    ({"cpt": {"dta": {}}}, "cpt.dta", "data"),
+])
+def test_unknown_key_names_dotted_key_and_suggests(tmp_path, data, dotted, suggestion):
+    merged = minimal()
+    for key, value in data.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, merged))
+    message = str(info.value)
+    assert f"unknown key '{dotted}'" in message
+    assert f"did you mean '{suggestion}'" in message
+    assert "run.yaml" in message  # names the file too
+
+
+def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'model.zzzzzz' \(valid: .*name_or_path"):
+        load_config(write_config(tmp_path, minimal(model={"zzzzzz": 1})))
+
+
+def test_source_is_not_a_user_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'source'"):
+        load_config(write_config(tmp_path, minimal(source="x")))
+
+
+# ---------------------------------------------------------------------------- wrong types
+
+@pytest.mark.parametrize("data, key", [
+    ({"seed": "abc"}, "seed"),  # string for int
+    ({"seed": True}, "seed"),  # bool is not an int here
+    ({"seed": 1.5}, "seed"),  # float for int
+    ({"run_dir": 3}, "run_dir"),
+    ({"model": {"name_or_path": 3}}, "model.name_or_path"),
+    ({"model": {"chat_template": ["x"]}}, "model.chat_template"),
+    ({"peft": {"options": ["r"]}}, "peft.options"),  # list for dict
+    ({"tracking": {"report_to": {"wandb": 1}}}, "tracking.report_to"),  # mapping for list
+    ({"sft": {"enabled": [True], "data": {"train": SFT_TRAIN}}}, "sft.enabled"),  # list for bool
+    ({"sft": {"enabled": "yes", "data": {"train": SFT_TRAIN}}}, "sft.enabled"),  # string for bool
+    ({"sft": {"data": {"train": SFT_TRAIN, "eval_split": "0.1"}}}, "sft.data.eval_split"),  # string for float
+    ({"sft": {"data": {"train": SFT_TRAIN, "eval_split": True}}}, "sft.data.eval_split"),
+    ({"sft": {"data": {"train": ["a", "b"]}}}, "sft.data.train"),
+    ({"sft": {"data": {"train": SFT_TRAIN}, "trainer": 5}}, "sft.trainer"),
+])
+def test_wrong_type_names_key(tmp_path, data, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, minimal(**data)))
+    assert f"'{key}' must be" in str(info.value)
+
+
+@pytest.mark.parametrize("data, section", [
+    ({"model": "smollm2"}, "model"),
+    ({"sft": ["a"]}, "sft"),
+    ({"sft": {"data": "data.jsonl"}}, "sft.data"),
+])
+def test_section_must_be_mapping(tmp_path, data, section):
+    with pytest.raises(ConfigError, match=f"'{section}' must be a mapping"):
+        load_config(write_config(tmp_path, minimal(**data)))
+
+
+def test_accepted_coercions(tmp_path):
+    config = load_config(write_config(tmp_path, minimal(
+        tracking={"report_to": "tensorboard"},  # a single string reads as a one-item list
+        sft={"data": {"train": SFT_TRAIN, "eval_split": 0}},  # int where float is expected
+    )))
+    assert config.tracking.report_to == ["tensorboard"]
+    assert config.sft.data.eval_split == 0.0 and isinstance(config.sft.data.eval_split, float)
+
+
+def test_bad_report_to_value(tmp_path):
+    with pytest.raises(ConfigError, match="'mlflow' is not wandb or tensorboard"):
+        load_config(write_config(tmp_path, minimal(tracking={"report_to": ["mlflow"]})))
+
+
+def test_enabled_stage_needs_train_file(tmp_path):
+    with pytest.raises(ConfigError, match="sft.data.train is required"):
+        load_config(write_config(tmp_path, {"sft": {"trainer": {}}}))
+
+
+# ---------------------------------------------------------------------------- --set overrides
+
+def test_override_learning_rate_decimal_is_float(tmp_path):
+    config = load_config(write_config(tmp_path, minimal()), ["sft.trainer.learning_rate=1.0e-4"])
+    assert config.sft.trainer["learning_rate"] == pytest.approx(1e-4)
+    assert isinstance(config.sft.trainer["learning_rate"], float)
+
+
+@pytest.mark.parametrize("via", ["override", "file"])
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("5E-5", 5e-5), ("1.0e4", 1e4), ("-2e+3", -2e3)])
+def test_exponent_without_dot_is_float(tmp_path, via, text, value):
+    # PyYAML alone (YAML 1.1) reads `1e-4` as a string, which SFTConfig accepts and the optimizer later rejects.
+    if via == "override":
+        config = load_config(write_config(tmp_path, minimal()), [f"sft.trainer.learning_rate={text}"])
+    else:
+        path = tmp_path / "run.yaml"
+        path.write_text(f"sft:\n  data: {{train: {SFT_TRAIN}}}\n  trainer:\n    learning_rate: {text}\n")
+        config = load_config(path)
+    assert isinstance(config.sft.trainer["learning_rate"], float)
+    assert config.sft.trainer["learning_rate"] == pytest.approx(value)
+
+
+def test_quoted_exponent_and_plain_words_stay_strings(tmp_path):
+    config = load_config(write_config(tmp_path, minimal()), [
+        "sft.trainer.learning_rate='1e-4'", "sft.trainer.hub_model_id=e5", "sft.trainer.run_tag=1e", "seed=10"])
+    assert config.sft.trainer == {"learning_rate": "1e-4", "hub_model_id": "e5", "run_tag": "1e"}
+    assert config.seed == 10 and isinstance(config.seed, int)
+
+
+def test_override_values_are_yaml(tmp_path):
+    config = load_config(write_config(tmp_path, minimal()), [
+        "seed=7", "sft.trainer.max_steps=5", "sft.trainer.bf16=false", "tracking.report_to=[wandb, tensorboard]",
+        "model.chat_template=",
+    ])
+    assert config.seed == 7
+    assert config.sft.trainer == {"max_steps": 5, "bf16": False}
+    assert config.tracking.report_to == ["wandb", "tensorboard"]
+    assert config.model.chat_template == ""
+
+
+def test_override_replaces_file_value(tmp_path):
+    path = write_config(tmp_path, minimal(seed=1, sft={"data": {"train": SFT_TRAIN}, "trainer": {"max_steps": 3}}))
+    config = load_config(path, ["sft.trainer.max_steps=9", "seed=2"])
+    assert config.sft.trainer["max_steps"] == 9 and config.seed == 2
+
+
+def test_override_creates_nested_sections(tmp_path):
+    config = load_config(write_config(tmp_path, minimal()), [
+        "cpt.data.train=data/cpt/beekeeping.txt",  # whole section created -> stage enabled
+        "sft.data.columns.output=answer",
+        "sft.trainer.model_init_kwargs.attn_implementation=eager",
+        "peft.options.r=4",
+    ])
+    assert config.cpt.enabled and config.cpt.data.train == "data/cpt/beekeeping.txt"
+    assert config.sft.data.columns == {"output": "answer"}
+    assert config.sft.trainer == {"model_init_kwargs": {"attn_implementation": "eager"}}
+    assert config.peft.options == {"r": 4}
+
+
+def test_override_keys_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.trainr'.*did you mean 'trainer'"):
+        load_config(write_config(tmp_path, minimal()), ["sft.trainr.max_steps=3"])
+    with pytest.raises(ConfigError, match="'seed' must be int"):
+        load_config(write_config(tmp_path, minimal()), ["seed=abc"])
+
+
+@pytest.mark.parametrize("item", ["sft.trainer.learning_rate", "=5", ""])
+def test_malformed_override(tmp_path, item):
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE"):
+        load_config(write_config(tmp_path, minimal()), [item])
+
+
+def test_override_through_a_value_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        load_config(write_config(tmp_path, minimal(seed=3)), ["seed.x=1"])
+
+
+# ---------------------------------------------------------------------------- trainer options
+
+def test_unknown_trainer_key_in_preflight(tmp_path, in_repo):
+    config = load_config(write_config(tmp_path, minimal()), ["sft.trainer.learnig_rate=1.0e-4"])
+    with pytest.raises(ConfigError) as info:
+        preflight(config, selected_stages(config, None))
+    assert "sft.trainer.learnig_rate" in str(info.value)
+    assert "did you mean 'learning_rate'" in str(info.value)
+
+
+def test_unknown_trainer_key_in_trainer_args():
+    from trl import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"cpt.trainer.max_step is not an option of SFTConfig.*'max_steps'"):
+        trainer_args(SFTConfig, "cpt", {"max_step": 3}, 0, output_dir="unused")
+
+
+@pytest.mark.parametrize("key", MANAGED_KEYS)
+def test_managed_trainer_key_refused(tmp_path, in_repo, key):
+    assert "output_dir" in MANAGED_KEYS
+    config = load_config(write_config(tmp_path, minimal()), [f"sft.trainer.{key}=somewhere"])
+    with pytest.raises(ConfigError, match=f"sft.trainer.{key} is set by the pipeline"):
+        preflight(config, selected_stages(config, None))
+
+
+def test_bad_trainer_value_is_config_error():
+    from trl import SFTConfig
+
+    with pytest.raises(ConfigError, match="sft.trainer:"):
+        trainer_args(SFTConfig, "sft", {"lr_scheduler_type": "not-a-scheduler"}, 0, output_dir="unused")
+
+
+def test_trainer_args_applies_seed_and_user_keys():
+    from trl import SFTConfig
+
+    args = trainer_args(SFTConfig, "sft", {"max_steps": 3, "learning_rate": 2e-4}, 123, output_dir="unused")
+    assert (args.seed, args.max_steps, args.learning_rate, args.output_dir) == (123, 3, 2e-4, "unused")
+    assert trainer_args(SFTConfig, "sft", {"seed": 5}, 123, output_dir="unused").seed == 5  # trainer.seed wins
+
+
+# ---------------------------------------------------------------------------- peft
+
+def test_bad_peft_method(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, minimal(peft={"method": "lorra"})))
+    assert "peft.method 'lorra'" in str(info.value)
+    assert "did you mean 'lora'" in str(info.value)
+
+
+def test_bad_peft_option_in_preflight(tmp_path, in_repo):
+    config = load_config(write_config(tmp_path, minimal(peft={"method": "lora", "options": {"rr": 8}})))
+    with pytest.raises(ConfigError) as info:
+        preflight(config, selected_stages(config, None))
+    assert "peft.options.rr" in str(info.value) and "LoraConfig" in str(info.value)
+    assert "did you mean 'r'" in str(info.value)
+
+
+def test_bad_peft_option_for_other_method(tmp_path):
+    config = load_config(write_config(tmp_path, minimal(peft={"method": "prompt", "options": {"num_virtual_tokns": 8}})))
+    with pytest.raises(ConfigError, match=r"peft.options.num_virtual_tokns .*PromptTuningConfig.*'num_virtual_tokens'"):
+        peft_config_for(config.peft)
+
+
+def test_bad_peft_option_value(tmp_path):
+    config = load_config(write_config(tmp_path, minimal(peft={"method": "lora", "options": {"lora_bias": True, "use_dora": True}})))
+    with pytest.raises(ConfigError, match="peft.options for lora"):
+        peft_config_for(config.peft)
+
+
+def test_full_takes_no_options(tmp_path):
+    config = load_config(write_config(tmp_path, minimal(peft={"method": "full", "options": {"r": 8}})))
+    with pytest.raises(ConfigError, match="'full', which takes no options"):
+        peft_config_for(config.peft)
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_every_peft_method_builds(tmp_path, method):
+    config = load_config(write_config(tmp_path, minimal(peft={"method": method})))
+    built = peft_config_for(config.peft)
+    assert (built is None) == (method == "full")
+
+
+# ---------------------------------------------------------------------------- data section values
+
+@pytest.mark.parametrize("value", [1, 1.0, 1.5, -0.1])
+def test_eval_split_out_of_range(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"sft.data.eval_split must be in \[0, 1\)"):
+        load_config(write_config(tmp_path, minimal(sft={"data": {"train": SFT_TRAIN, "eval_split": value}})))
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 0.5, 0.99])
+def test_eval_split_in_range(tmp_path, value):
+    config = load_config(write_config(tmp_path, minimal(sft={"data": {"train": SFT_TRAIN, "eval_split": value}})))
+    assert config.sft.data.eval_split == value
+
+
+def test_eval_split_checked_for_disabled_stage_too(tmp_path):
+    with pytest.raises(ConfigError, match="cpt.data.eval_split"):
+        load_config(write_config(tmp_path, minimal(cpt={"enabled": False, "data": {"eval_split": 2}})))
+
+
+def test_unknown_delimiter_key(tmp_path):
+    data = minimal(sft={"data": {"train": "data.txt", "format": "delimited", "delimiters": {"strat": "<s>"}}})
+    with pytest.raises(ConfigError) as info:
+        load_config(write_config(tmp_path, data))
+    assert "unknown key 'sft.data.delimiters.strat'" in str(info.value)
+    assert "did you mean 'start'" in str(info.value)
+
+
+def test_known_delimiter_keys(tmp_path):
+    delimiters = {"start": "[Q]", "sep": "[A]", "eos": "[END]"}
+    data = minimal(sft={"data": {"train": "data.txt", "format": "delimited", "delimiters": delimiters}})
+    assert load_config(write_config(tmp_path, data)).sft.data.delimiters == delimiters
