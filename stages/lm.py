@@ -77,6 +77,10 @@ def load_training_model(ctx: StageContext, tokenizer):
     when it is of the same method; returns (model, base directory the final adapter will refer to)."""
     from peft import PeftModel, get_peft_model
 
+    from transformers import set_seed
+
+    # Adapter weights are initialised randomly: seed first, so the same config gives the same run.
+    set_seed(ctx.config.seed)
     source, peft = ctx.init, ctx.config.peft
     model = load_causal_lm(source.base, ctx.config.model, tokenizer)
     base_dir = source.base
