@@ -47,3 +47,21 @@ def test_bad_config_key_suggests_and_leaves_nothing(tmp_path, capsys):
     assert code == 2
     assert "did you mean 'learning_rate'" in " ".join(capsys.readouterr().err.split())
     assert not run_dir.exists()
+
+
+def test_validate_reports_lengths_and_a_rendered_sample_without_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = main(["validate", "--config", SMOKE, "--run-dir", str(tmp_path / "run"), "--set", "sft.trainer.max_length=96"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 0
+    assert "over max_length=96 (these would be left out)" in err
+    assert "⟦" in err and "<|im_end|>⟧" in err
+    assert "target modules all-linear" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_names_missing_peft_target_modules(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code = main(["validate", "--config", SMOKE, "--set", "peft.options.target_modules=[q_proj, qkv]"])
+    assert code == 2
+    assert "['qkv'] are not modules of this model" in " ".join(capsys.readouterr().err.split())
