@@ -15,7 +15,7 @@ from conftest import REPO, load_safetensors_dir, run_pipeline
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # Long enough that the kill lands mid-run; a checkpoint every 2 steps.
-LONG = ["--set", "{stage}.trainer.max_steps=40", "--set", "{stage}.trainer.save_steps=2"]
+LONG = ["--set", "{stage}.trainer.max_steps=20", "--set", "{stage}.trainer.save_steps=2"]
 
 
 def _args(stage: str, run_dir) -> list[str]:
@@ -50,7 +50,7 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, stage):
     assert newest is not None
 
     # A half-written checkpoint (no completion marker) must never be picked.
-    decoy = killed / stage / "checkpoints" / "checkpoint-39"
+    decoy = killed / stage / "checkpoints" / "checkpoint-19"
     decoy.mkdir()
     (decoy / "trainer_state.json").write_text("{}")
 
