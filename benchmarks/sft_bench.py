@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -34,12 +35,19 @@ console = Console(highlight=False)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_timed(cmd: list[str], log: Path) -> float | None:
-    """Wall seconds of a whole subprocess (interpreter start and imports included), or None if it failed."""
+def run_timed(cmd: list[str], log: Path, cpu: list | None = None) -> float | None:
+    """Wall seconds of a whole subprocess (interpreter start and imports included), or None if it failed.
+
+    Appends the child's CPU seconds (user + sys) to `cpu`: less sensitive than wall time to other processes
+    competing for the cores, so it helps read a noisy wall-time ratio."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log, "w") as handle:
         rc = subprocess.run(cmd, cwd=ROOT, env=ENV, stdout=handle, stderr=subprocess.STDOUT).returncode
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime if rc == 0 else None)
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         console.print(f"[red]failed (rc={rc}):[/red] {' '.join(cmd[:6])}...\n" + "\n".join(tail), markup=False)
@@ -84,6 +92,7 @@ def overhead(args, work: Path) -> tuple[dict, list[str]]:
     }
     assert config.peft.method == "lora", "the bare script builds a LoraConfig"
     times = {"pipeline": [], "bare": []}
+    cpu = {"pipeline": [], "bare": []}
     inner = {"pipeline": [], "bare": []}  # train_runtime: where the overhead is (inside or outside trainer.train)
     tokens = {"pipeline": set(), "bare": set()}
     for rep in range(args.repeats):
@@ -91,11 +100,11 @@ def overhead(args, work: Path) -> tuple[dict, list[str]]:
         for side in order:
             out = work / f"overhead-{side}-{rep}"
             if side == "pipeline":
-                wall = run_timed(pipeline_cmd(out, sets), work / f"{out.name}.log")
+                wall = run_timed(pipeline_cmd(out, sets), work / f"{out.name}.log", cpu[side])
                 metrics_file = out / "sft" / "metrics.jsonl"
             else:
                 cmd = [sys.executable, str(BARE_SCRIPT), json.dumps({**spec, "output_dir": str(out)})]
-                wall = run_timed(cmd, work / f"{out.name}.log")
+                wall = run_timed(cmd, work / f"{out.name}.log", cpu[side])
                 metrics_file = out / "metrics.jsonl"
             times[side].append(wall)
             if wall is not None:
@@ -106,8 +115,10 @@ def overhead(args, work: Path) -> tuple[dict, list[str]]:
                           f"{'failed' if wall is None else f'{wall:.1f} s'}")
     notes = [
         f"overhead walls (s): pipeline {_fmt_list(times['pipeline'])}, bare {_fmt_list(times['bare'])}",
+        f"overhead CPU s (user+sys): pipeline {_fmt_list(cpu['pipeline'])}, bare {_fmt_list(cpu['bare'])}; "
+        f"median ratio {_ratio(cpu)}",
         f"overhead train_runtime (s, inside trainer.train): pipeline {_fmt_list(inner['pipeline'])}, "
-        f"bare {_fmt_list(inner['bare'])}",
+        f"bare {_fmt_list(inner['bare'])}; median ratio {_ratio(inner)}",
         f"tokens trained (num_tokens): pipeline {sorted(tokens['pipeline'], key=str)}, "
         f"bare {sorted(tokens['bare'], key=str)}"
         + ("  (same data, same work)" if tokens["pipeline"] == tokens["bare"] else "  [red](DIFFERENT: not the same work)[/red]"),
@@ -147,6 +158,11 @@ def packing(args, work: Path) -> tuple[dict, list[str]]:
     return row, notes
 
 
+def _ratio(pair: dict) -> str:
+    ours, ref = median(pair["pipeline"]), median(pair["bare"])
+    return f"{ours / ref:.3f}x" if ours is not None and ref else "n/a"
+
+
 def _fmt_list(values: list) -> str:
     return "[" + ", ".join("failed" if v is None else f"{v:.1f}" for v in values) + "]"
 
@@ -167,7 +183,7 @@ def print_table(rows: list[dict], notes: list[str], args) -> None:
                       target, "[green]yes[/green]" if met else "[red]no[/red]")
     console.print(table)
     for note in notes:
-        console.print(f"  {note}")
+        console.print(f"  {note}", soft_wrap=True)
 
 
 def main() -> int:

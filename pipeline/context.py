@@ -50,10 +50,11 @@ class StageContext:
     def final_dir(self) -> Path:
         return self.stage_dir / "final"
 
-    def record_metrics(self, metrics: dict) -> None:
-        """Store metrics in the manifest right away, so they survive a crash before the stage completes."""
+    def record(self, metrics: dict | None = None, **fields) -> None:
+        """Store metrics and manifest fields right away, so they survive a crash before the stage completes."""
         manifest = read_manifest(self.stage_dir) or {}
-        manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+        manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
+        manifest.update(fields)
         write_manifest(self.stage_dir, manifest)
 
     def callbacks(self) -> list:

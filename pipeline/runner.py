@@ -59,16 +59,18 @@ def selected_stages(config: RunConfig, names: list[str] | None) -> list[str]:
 
 def preflight(config: RunConfig, names: list[str]) -> None:
     """Everything that can be checked without compute: data files parse, trainer and PEFT options are valid."""
-    from stages.lm import trainer_args
     from trl import SFTConfig
+
     from pipeline.models import peft_config_for
+    from stages.lm import stage_defaults, trainer_args
 
     peft_config_for(config.peft)
     if config.model.name_or_path not in BUILTIN_MODELS:
         resolve_model_path(config.model.name_or_path)
     for name in names:
         STAGES[name].load(config)
-        trainer_args(SFTConfig, name, config.stage(name).trainer, config.seed, output_dir="unused")
+        trainer_keys = {**stage_defaults(config, has_eval=False), **config.stage(name).trainer}
+        trainer_args(SFTConfig, name, trainer_keys, config.seed, output_dir="unused")
 
 
 class RunLock:
@@ -123,7 +125,7 @@ class Runner:
         manifest = read_manifest(self.run_dir / name) or {}
         final = self.run_dir / name / "final"
         if (final / "adapter_config.json").exists():
-            return ModelSource(Path(manifest["metrics"]["base_model"]), final, f"{name}'s final adapter")
+            return ModelSource(Path(manifest["base_model"]), final, f"{name}'s final adapter")
         return ModelSource(final, None, f"{name}'s final model")
 
     def _init_source(self, name: str, will_run: set[str]) -> tuple[ModelSource | None, str | None]:

@@ -36,9 +36,8 @@ def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def trainer_args(config_cls, ctx_or_name, trainer: dict, seed: int, **managed):
+def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
     """Build the TRL config dataclass from the stage's `trainer:` keys, naming any bad key in the error."""
-    stage = ctx_or_name if isinstance(ctx_or_name, str) else ctx_or_name.name
     valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
     for key in trainer:
         if key in MANAGED_KEYS:
@@ -143,10 +142,10 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.callbacks import RichProgressCallback
 
-    section = ctx.section
     model, base_dir = load_training_model(ctx, tokenizer)
+    trainer_keys = {**stage_defaults(ctx.config, has_eval=bool(eval_rows)), **ctx.section.trainer}
     args = trainer_args(
-        SFTConfig, ctx.name, {**stage_defaults(ctx.config, has_eval=bool(eval_rows)), **section.trainer}, ctx.config.seed,
+        SFTConfig, ctx.name, trainer_keys, ctx.config.seed,
         output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{ctx.name}",
         report_to=list(ctx.config.tracking.report_to) or "none",
     )
@@ -161,7 +160,7 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     if eval_rows and ctx.resume_from is None:
         # TRL's Rich progress bar only exists between train begin and end, so the baseline runs without it.
         progress = trainer.pop_callback(RichProgressCallback)
-        ctx.record_metrics({"eval/loss_before": trainer.evaluate()["eval_loss"]})
+        ctx.record({"eval/loss_before": trainer.evaluate()["eval_loss"]})
         trainer.add_callback(progress)
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
@@ -173,7 +172,7 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
         _save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
-    metrics["base_model"] = str(base_dir)
+    ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
     return metrics
 
 

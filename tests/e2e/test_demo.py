@@ -10,7 +10,7 @@ from conftest import REPO, run_pipeline
 def test_demo_config_runs_cpt_then_sft_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "demo"
     run_pipeline("run", "--run-dir", str(run_dir), "--set", "cpt.trainer.max_steps=4",
-                 "--set", "sft.trainer.max_steps=6", "--set", "sft.trainer.eval_steps=6")
+                 "--set", "sft.trainer.max_steps=6")
     cpt = json.loads((run_dir / "cpt" / "stage.json").read_text())
     sft = json.loads((run_dir / "sft" / "stage.json").read_text())
     assert cpt["status"] == sft["status"] == "completed"

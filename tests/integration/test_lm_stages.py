@@ -12,7 +12,13 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 def test_sft_alone_completes_and_final_adapter_generates(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir))
+    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
+                 "--set", "tracking.report_to=[wandb, tensorboard]")
+
+    # Trackers: an offline W&B run named after the stage, with its id kept in the manifest; TensorBoard events.
+    manifest = json.loads((run_dir / "sft" / "stage.json").read_text())
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{manifest['wandb_run_id']}"))
+    assert list((run_dir / "sft" / "tensorboard").glob("events.out.tfevents.*"))
 
     status = json.loads(run_pipeline("status", "--run-dir", str(run_dir), "--json").stdout)
     assert status["stages"]["sft"]["status"] == "completed"
@@ -81,3 +87,16 @@ def test_changed_config_refuses_to_resume_foreign_progress(tmp_path):
     run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
                  "--set", "sft.trainer.learning_rate=1e-4", "--fresh")
     assert json.loads(manifest_path.read_text())["status"] == "completed"
+
+
+def test_packing_trains_on_padding_free_batches(tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
+                 "--set", "sft.trainer.packing=true", "--set", "sft.trainer.max_steps=3")
+    metrics = json.loads((run_dir / "sft" / "stage.json").read_text())["metrics"]
+    assert metrics["train/steps"] == 3 and metrics["eval/loss"] < metrics["eval/loss_before"]
+    logged = [json.loads(line) for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    # Packed rows are filled up to max_length (256 in smoke) from several conversations: far more tokens per step
+    # than the padded batch of 4 would hold.
+    first = next(line for line in logged if "num_tokens" in line and "loss" in line)
+    assert first["num_tokens"] > 4 * 200
