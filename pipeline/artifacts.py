@@ -25,8 +25,12 @@ STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 
 def write_json_atomic(path: Path, data: dict) -> None:
     # A crash mid-write must leave either the old file or the new one, never half of either.
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
