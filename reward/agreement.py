@@ -1,0 +1,68 @@
+"""How far two label sources agree, e.g. an AI judge against a person on the same pairs, before trusting the AI.
+
+Only pairs both sources labelled count. Cohen's kappa corrects raw agreement for what two judges with the same
+label frequencies would reach by chance, over the three classes a, b and tie. The order-flip rate is how often a
+judge that saw both orders answered differently in each: a judge that flips often is reading positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from pipeline.errors import PipelineError
+from reward.pairs import WINNERS, Label
+
+
+@dataclass(frozen=True)
+class Agreement:
+    pairs: int
+    """Pairs labelled by both sources."""
+    raw: float
+    """Fraction of those pairs with the same winner."""
+    kappa: float | None
+    """Cohen's kappa over a/b/tie; None when chance agreement is 1 (both gave one and the same class throughout)."""
+    tie_rates: tuple[float, float]
+    """Fraction of ties from each source."""
+    order_flip_rates: tuple[float | None, float | None]
+    """Per source, the fraction of its both-order labels whose two orders disagree; None without such labels."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _by_pair(labels: Iterable[Label], which: str) -> dict[str, Label]:
+    by_id: dict[str, Label] = {}
+    for label in labels:
+        if label.pair_id in by_id:
+            raise PipelineError(f"the {which} labels hold pair {label.pair_id} twice")
+        by_id[label.pair_id] = label
+    return by_id
+
+
+def order_flip_rate(labels: Iterable[Label]) -> float | None:
+    both = [label.verdicts for label in labels if "ab" in label.verdicts and "ba" in label.verdicts]
+    return sum(v["ab"] != v["ba"] for v in both) / len(both) if both else None
+
+
+def cohens_kappa(first: list[str], second: list[str]) -> float | None:
+    n = len(first)
+    observed = sum(x == y for x, y in zip(first, second)) / n
+    chance = sum((first.count(c) / n) * (second.count(c) / n) for c in WINNERS)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def agreement(first: Iterable[Label], second: Iterable[Label]) -> Agreement:
+    one, two = _by_pair(first, "first"), _by_pair(second, "second")
+    shared = [pair for pair in one if pair in two]
+    if not shared:
+        raise PipelineError("the two label sources have no labelled pair in common")
+    a, b = [one[p].winner for p in shared], [two[p].winner for p in shared]
+    n = len(shared)
+    return Agreement(
+        pairs=n,
+        raw=sum(x == y for x, y in zip(a, b)) / n,
+        kappa=cohens_kappa(a, b),
+        tie_rates=(a.count("tie") / n, b.count("tie") / n),
+        order_flip_rates=(order_flip_rate(one[p] for p in shared), order_flip_rate(two[p] for p in shared)),
+    )

@@ -1,0 +1,247 @@
+"""Existing preference datasets into `PreferenceRow`s (prompt messages, chosen, rejected), validated strictly.
+
+Accepted formats (.jsonl or .json, via `pipeline.data.read_records`):
+  - prompt:   {"prompt", "chosen", "rejected"}; each a string or a message list [{"role", "content"}].
+              chosen/rejected may be the response's turn alone or the whole conversation, whose turns before the
+              last (assistant) one must equal the prompt (TRL's and UltraFeedback's layouts).
+  - hh:       Anthropic HH-RLHF: "chosen"/"rejected" transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..."; the text up to
+              the last "\\n\\nAssistant:" is the prompt and must be the same in both. Message lists without a
+              "prompt" field are read the same way: every turn but the last is the prompt.
+  - sharegpt: {"conversations": [{"from", "value"}], "chosen", "rejected", "system"}; chosen/rejected are a
+              {"from", "value"} message or a string.
+  - auto:     picked from the first record's fields.
+
+Every malformed record is a DataError naming the file, the line and the field (e.g. "conversations[1].from").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.data import read_records
+from pipeline.errors import ConfigError, DataError
+from reward.pairs import PreferenceRow
+
+FORMATS = ("auto", "prompt", "hh", "sharegpt")
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "model": "assistant", "system": "system"}
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_HH_ASSISTANT = "\n\nAssistant:"
+_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number",
+               str: "string", list: "array", dict: "object"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True)
+class _Record:
+    data: dict
+    path: str
+    line: int
+
+    def error(self, field: str | None, message: str) -> DataError:
+        return DataError(self.path, self.line, field, message)
+
+    def get(self, field: str) -> Any:
+        if field not in self.data:
+            raise self.error(field, "is required but missing")
+        return self.data[field]
+
+    def row(self, prompt: list[dict], chosen: str, rejected: str) -> PreferenceRow:
+        return PreferenceRow(prompt, chosen, rejected, source=f"{self.path}:{self.line}")
+
+
+# ---------------------------------------------------------------------------- messages
+
+def _messages(rec: _Record, field: str, value: Any, roles: Mapping[str, str] = _ROLES,
+              role_key: str = "role", content_key: str = "content") -> list[dict]:
+    """A list of {role_key, content_key} objects as messages; roles known, contents non-empty strings."""
+    if not isinstance(value, list):
+        raise rec.error(field, f"must be an array of messages, found {_json_type(value)}")
+    if not value:
+        raise rec.error(field, "must contain at least one message")
+    messages = []
+    for index, item in enumerate(value):
+        where = f"{field}[{index}]"
+        messages.append(_message(rec, where, item, roles, role_key, content_key))
+        if messages[-1]["role"] == "system" and index:
+            raise rec.error(f"{where}.{role_key}", "a system message is only allowed as the first message")
+    return messages
+
+
+def _message(rec: _Record, where: str, item: Any, roles: Mapping[str, str], role_key: str, content_key: str) -> dict:
+    if not isinstance(item, dict):
+        raise rec.error(where, f"must be an object, found {_json_type(item)}")
+    for key in (role_key, content_key):
+        if key not in item:
+            raise rec.error(f"{where}.{key}", "is required but missing")
+    role, content = item[role_key], item[content_key]
+    if not isinstance(role, str):
+        raise rec.error(f"{where}.{role_key}", f"must be a string, found {_json_type(role)}")
+    if role not in roles:
+        raise rec.error(f"{where}.{role_key}", f"unknown role {role!r}; valid roles: {', '.join(roles)}")
+    if not isinstance(content, str):
+        raise rec.error(f"{where}.{content_key}", f"must be a string, found {_json_type(content)}")
+    if roles[role] != "system" and not content.strip():
+        raise rec.error(f"{where}.{content_key}", "must be a non-empty string")
+    return {"role": roles[role], "content": content}
+
+
+def _check_prompt(rec: _Record, field: str, messages: list[dict]) -> list[dict]:
+    # A judge or reward model scores a response to the user's last turn; any other ending has nothing to answer.
+    if messages[-1]["role"] != "user":
+        raise rec.error(field, f"the prompt must end with a user turn, not {messages[-1]['role']!r}")
+    return messages
+
+
+def _response(rec: _Record, field: str, value: Any, prompt: list[dict] | None) -> tuple[list[dict] | None, str]:
+    """(the turns before the response, the response) from a string or a conversation ending in the response."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise rec.error(field, "must be a non-empty response")
+        return None, value
+    if not isinstance(value, list):
+        raise rec.error(field, f"must be a string or an array of messages, found {_json_type(value)}")
+    messages = _messages(rec, field, value)
+    if messages[-1]["role"] != "assistant":
+        raise rec.error(f"{field}[{len(messages) - 1}].role", "the last turn must be the assistant's response")
+    earlier = messages[:-1]
+    if earlier and prompt is not None and earlier != prompt:
+        raise rec.error(field, "the turns before the response must equal the prompt")
+    return earlier or None, messages[-1]["content"]
+
+
+# ---------------------------------------------------------------------------- formats
+
+def _from_prompt(rec: _Record) -> PreferenceRow:
+    value = rec.get("prompt")
+    if isinstance(value, str):
+        if not value.strip():
+            raise rec.error("prompt", "must be a non-empty string")
+        prompt = [{"role": "user", "content": value}]
+    elif not isinstance(value, list):
+        raise rec.error("prompt", f"must be a string or an array of messages, found {_json_type(value)}")
+    else:
+        prompt = _check_prompt(rec, "prompt", _messages(rec, "prompt", value))
+    chosen = _response(rec, "chosen", rec.get("chosen"), prompt)[1]
+    rejected = _response(rec, "rejected", rec.get("rejected"), prompt)[1]
+    return rec.row(prompt, chosen, rejected)
+
+
+def _hh_split(rec: _Record, field: str) -> tuple[str, str]:
+    """A transcript's prompt text (up to its last Assistant marker) and the response after it."""
+    text = rec.get(field)
+    if not isinstance(text, str):
+        raise rec.error(field, f"must be a string transcript, found {_json_type(text)}")
+    if text.startswith("Human:"):
+        text = "\n\n" + text  # some exports strip the leading blank line
+    cut = text.rfind(_HH_ASSISTANT)
+    if cut == -1:
+        raise rec.error(field, "the transcript has no '\\n\\nAssistant:' turn")
+    response = text[cut + len(_HH_ASSISTANT):]
+    if "\n\nHuman:" in response:
+        raise rec.error(field, "the transcript must end with an Assistant turn (the response)")
+    response = response.strip()
+    if not response:
+        raise rec.error(field, "the last Assistant turn (the response) is empty")
+    return text[:cut], response
+
+
+def _hh_messages(rec: _Record, field: str, text: str) -> list[dict]:
+    parts = _HH_TURN.split(text)  # [before the first turn, role, content, role, content, ...]
+    if parts[0].strip():
+        raise rec.error(field, f"text before the first '\\n\\nHuman:' turn: {parts[0][:40]!r}")
+    messages = [{"role": _HH_ROLES[role], "content": content.strip()}
+                for role, content in zip(parts[1::2], parts[2::2])]
+    if not any(m["role"] == "user" for m in messages):
+        raise rec.error(field, "the transcript has no '\\n\\nHuman:' turn before the response")
+    return _check_prompt(rec, field, messages)
+
+
+def _from_hh(rec: _Record) -> PreferenceRow:
+    if isinstance(rec.get("chosen"), list):
+        return _from_conversations(rec)
+    chosen_prompt, chosen = _hh_split(rec, "chosen")
+    rejected_prompt, rejected = _hh_split(rec, "rejected")
+    if chosen_prompt != rejected_prompt:
+        at = next((i for i, (x, y) in enumerate(zip(chosen_prompt, rejected_prompt)) if x != y),
+                  min(len(chosen_prompt), len(rejected_prompt)))
+        raise rec.error("rejected", f"its prompt differs from chosen's at character {at}: both transcripts must "
+                                    "share everything before the last '\\n\\nAssistant:'")
+    return rec.row(_hh_messages(rec, "chosen", chosen_prompt), chosen, rejected)
+
+
+def _from_conversations(rec: _Record) -> PreferenceRow:
+    """chosen/rejected as whole conversations with no prompt field: the shared turns before the last are the prompt."""
+    prompt, chosen = _response(rec, "chosen", rec.get("chosen"), None)
+    if prompt is None:
+        raise rec.error("chosen", "without a 'prompt' field, the conversation must hold the prompt's turns too")
+    _check_prompt(rec, "chosen", prompt)
+    rejected_prompt, rejected = _response(rec, "rejected", rec.get("rejected"), prompt)
+    if rejected_prompt is None:
+        raise rec.error("rejected", "must hold the same prompt turns as chosen")
+    return rec.row(prompt, chosen, rejected)
+
+
+def _sharegpt_response(rec: _Record, field: str) -> str:
+    value = rec.get(field)
+    if isinstance(value, str):
+        if not value.strip():
+            raise rec.error(field, "must be a non-empty response")
+        return value
+    if not isinstance(value, dict):
+        raise rec.error(field, f"must be a {{from, value}} message or a string, found {_json_type(value)}")
+    message = _message(rec, field, value, _SHAREGPT_ROLES, "from", "value")
+    if message["role"] != "assistant":
+        raise rec.error(f"{field}.from", f"is {value['from']!r}, but the response must be the assistant's")
+    return message["content"]
+
+
+def _from_sharegpt(rec: _Record) -> PreferenceRow:
+    prompt = _messages(rec, "conversations", rec.get("conversations"), _SHAREGPT_ROLES, "from", "value")
+    system = rec.data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise rec.error("system", f"must be a string, found {_json_type(system)}")
+    if system and system.strip():
+        if prompt[0]["role"] == "system":
+            raise rec.error("system", "the conversation already starts with a system message")
+        prompt.insert(0, {"role": "system", "content": system})
+    _check_prompt(rec, "conversations", prompt)
+    return rec.row(prompt, _sharegpt_response(rec, "chosen"), _sharegpt_response(rec, "rejected"))
+
+
+_CONVERTERS = {"prompt": _from_prompt, "hh": _from_hh, "sharegpt": _from_sharegpt}
+
+
+def detect_format(record: dict) -> str:
+    """The preference format a record's field names point to."""
+    if "conversations" in record:
+        return "sharegpt"
+    if "prompt" in record:
+        return "prompt"
+    # "chosen" alone suffices so a record missing "rejected" gets a missing-field error.
+    if "chosen" in record:
+        return "hh"
+    raise ValueError(f"cannot detect the preference format from fields {sorted(record)}; expected 'prompt' "
+                     "(prompt), 'conversations' (sharegpt) or 'chosen' and 'rejected' transcripts (hh)")
+
+
+def load_preferences(path, format: str = "auto") -> list[PreferenceRow]:
+    """Chosen/rejected rows from a .jsonl or .json preference dataset."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown preference format {format!r}; valid formats: {', '.join(FORMATS)}")
+    rows = []
+    for line, data in read_records(path):
+        if format == "auto":  # decided by the first record; later ones must match it
+            try:
+                format = detect_format(data)
+            except ValueError as e:
+                raise DataError(path, line, None, f"{e}; or set the format explicitly") from None
+        rows.append(_CONVERTERS[format](_Record(data, str(path), line)))
+    return rows
