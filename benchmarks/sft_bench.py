@@ -3,8 +3,9 @@
     PIPELINE_CACHE_DIR=/tmp/pc python benchmarks/sft_bench.py [--model NAME] [--steps N] [--repeats R]
 
 Every measurement is a fresh subprocess with a fresh run directory, repeated --repeats times; the table shows
-medians. The machine may be shared, so the two sides of a comparison are interleaved (and their order alternated)
-to spread background load over both. Always exits 0: this reports, it does not gate.
+medians, and each ratio is the median of per-repeat ratios. The machine may be shared, so the two sides of a
+comparison run back to back in each repeat (order alternated) to expose both to the same background load.
+Always exits 0: this reports, it does not gate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,9 +52,8 @@ def run_timed(cmd: list[str], log: Path, cpu: list | None = None) -> float | Non
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime if rc == 0 else None)
     if rc != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        console.print(f"[red]failed (rc={rc}):[/red] {' '.join(cmd[:6])}...\n" + "\n".join(tail), markup=False)
-        return None
-    return elapsed
+        console.print(f"failed (rc={rc}): {' '.join(cmd[:6])}...\n" + "\n".join(tail), markup=False)
+    return elapsed if rc == 0 else None
 
 
 def read_metrics(path: Path) -> dict:
@@ -60,7 +61,7 @@ def read_metrics(path: Path) -> dict:
     found = {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
-        for key in ("num_tokens", "train_runtime", "loss"):
+        for key in ("num_tokens", "train_runtime"):
             if key in entry:
                 found[key] = entry[key]
     return found
@@ -120,7 +121,7 @@ def overhead(args, work: Path) -> tuple[dict, list[str]]:
             if metrics:
                 tokens[side].add(metrics.get("num_tokens"))
             console.print(f"  overhead rep {rep + 1}/{args.repeats} {side:<8} "
-                          f"{'failed' if wall is None else f'{wall:.1f} s'}")
+                          f"{'failed' if wall is None else f'{wall:.1f} s'}{_load()}")
     notes = [
         f"overhead walls (s): pipeline {_fmt_list(times['pipeline'])}, bare {_fmt_list(times['bare'])}",
         f"overhead CPU s (user+sys): pipeline {_fmt_list(cpu['pipeline'])}, bare {_fmt_list(cpu['bare'])}; "
@@ -128,8 +129,8 @@ def overhead(args, work: Path) -> tuple[dict, list[str]]:
         f"overhead train_runtime (s, inside trainer.train): pipeline {_fmt_list(inner['pipeline'])}, "
         f"bare {_fmt_list(inner['bare'])}; median ratio {_ratio(inner)}",
         f"tokens trained (num_tokens): pipeline {sorted(tokens['pipeline'], key=str)}, "
-        f"bare {sorted(tokens['bare'], key=str)}"
-        + ("  (same data, same work)" if tokens["pipeline"] == tokens["bare"] else "  [red](DIFFERENT: not the same work)[/red]"),
+        f"bare {sorted(tokens['bare'], key=str)}  "
+        + ("(same batches)" if tokens["pipeline"] == tokens["bare"] else "[red](DIFFERENT: not the same work)[/red]"),
     ]
     ratio, ratios = paired_ratio(times["pipeline"], times["bare"])
     notes.insert(1, f"overhead per-repeat wall ratios: {_fmt_list(ratios, 3)}")
@@ -161,13 +162,18 @@ def packing(args, work: Path) -> tuple[dict, list[str]]:
                 detail[side].append(f"{metrics['num_tokens']:.0f} tok / {metrics['train_runtime']:.1f} s")
             rates[side].append(rate)
             console.print(f"  packing rep {rep + 1}/{args.repeats} {side:<8} "
-                          f"{'failed' if rate is None else f'{rate:.1f} tok/s'}")
+                          f"{'failed' if rate is None else f'{rate:.1f} tok/s'}{_load()}")
     notes = [f"packing {side}: {', '.join(detail[side]) or 'failed'}" for side in ("packed", "padded")]
     ratio, ratios = paired_ratio(rates["packed"], rates["padded"])
     notes.append(f"packing per-repeat tok/s ratios: {_fmt_list(ratios, 3)}")
     row = {"comparison": f"packing: trained tok/s, {args.pack_steps} steps", "ours": median(rates["packed"]),
            "reference": median(rates["padded"]), "ratio": ratio, "lower_is_better": False, "target": 1.5}
     return row, notes
+
+
+def _load() -> str:
+    # Another process on a 2-core box can slow torch's threads down 10x (seen here); the load says when it happened.
+    return f"   (load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
 
 
 def _ratio(pair: dict) -> str:
@@ -184,8 +190,7 @@ def print_table(rows: list[dict], notes: list[str], args) -> None:
     for column in ("comparison", "ours", "reference", "ratio", "target", "met"):
         table.add_column(column, justify="left" if column == "comparison" else "right")
     for row in rows:
-        ours, ref = row["ours"], row["reference"]
-        ratio = row["ratio"]
+        ours, ref, ratio = row["ours"], row["reference"], row["ratio"]
         if row["lower_is_better"]:
             target, met = f"≤ {row['target']:.2f}×", ratio is not None and ratio <= row["target"]
         else:
@@ -209,9 +214,13 @@ def main() -> int:
                              "QA set in 8x512-token packs; 2 on a real model, where one packed step takes minutes "
                              "on a CPU and the first-step warm-up is negligible)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int,
+                        help="OMP/MKL threads for every run (default: torch's own choice); 1 is steadier on a busy box")
     parser.add_argument("--only", choices=("overhead", "packing"), help="run one comparison only")
     parser.add_argument("--keep", action="store_true", help="keep the run directories and logs")
     args = parser.parse_args()
+    if args.threads:
+        ENV.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     args.pack_steps = args.pack_steps or (8 if args.model == "tiny-random-smollm2" else 2)
 
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
@@ -229,12 +238,10 @@ def main() -> int:
         if rows:
             print_table(rows, notes, args)
     finally:
-        if not args.keep:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
-        else:
+        if args.keep:
             console.print(f"run directories and logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
