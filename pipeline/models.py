@@ -138,17 +138,47 @@ def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):
     return tokenizer
 
 
-def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer):
-    from transformers import AutoModelForCausalLM
-
+def _dtype(model_cfg: ModelConfig) -> torch.dtype:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_cfg.dtype)
     if dtype is None:
         raise ConfigError(f"model.dtype '{model_cfg.dtype}' is not float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return dtype
+
+
+def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(model_cfg))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_policy(path: Path, adapter: Path | None, model_cfg: ModelConfig, tokenizer):
+    """A causal LM for inference (sampling, judging): the base weights with `adapter` merged in, in eval mode."""
+    from peft import PeftModel
+
+    model = load_causal_lm(path, model_cfg, tokenizer)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Path | None = None):
+    """A one-output sequence-classification model (a reward model): `path` holds a full model (the head is newly
+    initialised when `path` is a causal LM), `adapter` an optional PEFT adapter trained on it (its head included)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(model_cfg))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    # The score is read at the last token that is not padding, found through pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
     return model
 
 

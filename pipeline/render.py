@@ -53,6 +53,20 @@ def render_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
     return encoded["input_ids"], labels
 
 
+def response_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
+    """Token ids of `prompt` answered by `response`, templated exactly as sft trained on it; what reward models
+    are trained and scored on, so training and scoring never see different text."""
+    return render_conversation(tokenizer, [*prompt, {"role": "assistant", "content": response}])[0]
+
+
+def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    """Token ids of `prompt` followed by the template's opening of the assistant's turn: where sampling starts."""
+    if not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template: set model.chat_template in the config")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenize_conversations(tokenizer, conversations: list[Conversation], max_length: int) -> Tokenized:
     result = Tokenized(rows=[])
     for conversation in conversations:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 from pipeline.data import read_records
 from pipeline.errors import ConfigError, DataError
-from reward.pairs import PreferenceRow
+from reward.pairs import Pair, PreferenceRow
 
 FORMATS = ("auto", "prompt", "hh", "sharegpt")
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -245,3 +245,70 @@ def load_preferences(path, format: str = "auto") -> list[PreferenceRow]:
                 raise DataError(path, line, None, f"{e}; or set the format explicitly") from None
         rows.append(_CONVERTERS[format](_Record(data, str(path), line)))
     return rows
+
+
+# ---------------------------------------------------------------------------- prompts and unlabelled pairs
+
+def _prompt_messages(rec: _Record) -> list[dict]:
+    """The prompt of a record: "prompt" (a string or messages), or "messages" whose trailing assistant turn (an sft
+    answer) is dropped, so an sft file doubles as a prompt file."""
+    if "prompt" in rec.data:
+        value = rec.data["prompt"]
+        if isinstance(value, str):
+            if not value.strip():
+                raise rec.error("prompt", "must be a non-empty string")
+            return [{"role": "user", "content": value}]
+        if not isinstance(value, list):
+            raise rec.error("prompt", f"must be a string or an array of messages, found {_json_type(value)}")
+        return _check_prompt(rec, "prompt", _messages(rec, "prompt", value))
+    if "messages" in rec.data:
+        messages = _messages(rec, "messages", rec.data["messages"])
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise rec.error("messages", "has no user turn to answer")
+        return _check_prompt(rec, "messages", messages)
+    raise rec.error("prompt", "is required but missing (or give 'messages')")
+
+
+def load_prompts(path) -> list[tuple[list[dict], str]]:
+    """(prompt messages, "path:line") for every record of a prompt file: {"prompt"} or {"messages"} per line."""
+    prompts = []
+    for line, data in read_records(path):
+        rec = _Record(data, str(path), line)
+        prompts.append((_prompt_messages(rec), f"{path}:{line}"))
+    return prompts
+
+
+# A labelled file (pairs with the winner a person gave) is also a valid pairs file: the label fields are ignored here.
+_PAIR_FIELDS = {"id", "prompt", "response_a", "response_b", "source", "winner", "confidence", "note"}
+
+
+def load_pairs(path) -> list[Pair]:
+    """Unlabelled pairs from {"prompt", "response_a", "response_b"} records (a pairs.jsonl a run wrote adds "id" and
+    "source"; a stored id must match the pair's content, so an edited file cannot pair old labels with new text)."""
+    pairs, seen = [], {}
+    for line, data in read_records(path):
+        rec = _Record(data, str(path), line)
+        unknown = sorted(set(data) - _PAIR_FIELDS)
+        if unknown:
+            raise rec.error(unknown[0], f"is not a pair field (expected {', '.join(sorted(_PAIR_FIELDS))})")
+        prompt = _prompt_messages(rec)
+        responses = []
+        for field in ("response_a", "response_b"):
+            value = rec.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise rec.error(field, f"must be a non-empty string, found {_json_type(value)}")
+            responses.append(value)
+        source = data.get("source", f"{path}:{line}")
+        if not isinstance(source, str):
+            raise rec.error("source", f"must be a string, found {_json_type(source)}")
+        pair = Pair.create(prompt, responses[0], responses[1], source)
+        if "id" in data and data["id"] != pair.id:
+            raise rec.error("id", f"is {data['id']!r} but the prompt and responses hash to {pair.id!r}; "
+                                  "was the file edited?")
+        if pair.id in seen:
+            raise rec.error(None, f"the same pair is already on line {seen[pair.id]}")
+        seen[pair.id] = line
+        pairs.append(pair)
+    return pairs

@@ -242,13 +242,22 @@ def preference_rows(pairs: Iterable[Pair], labels: Iterable[Label],
 
 def write_preferences(path: str | Path, rows: Iterable[PreferenceRow]) -> int:
     """Write rows as JSONL under a temporary name, then rename: a reader never sees half a file."""
+    return _write_jsonl_atomic(path, (row.to_dict() for row in rows))
+
+
+def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> int:
+    """Write pairs as JSONL (id, prompt, response_a, response_b, source) under a temporary name, then rename."""
+    return _write_jsonl_atomic(path, (asdict(pair) for pair in pairs))
+
+
+def _write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     count = 0
     with open(partial, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
         f.flush()
         os.fsync(f.fileno())
