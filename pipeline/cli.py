@@ -1,4 +1,4 @@
-"""python -m pipeline: run, plan, status, validate."""
+"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rich.markup import escape  # noqa: E402
 
 from pipeline.config import STAGE_ORDER, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help='print {"stages": {name: {...}}}')
     validate = commands.add_parser("validate", help="preflight without training: data, tokenizer, lengths, PEFT")
     _config_args(validate)
+    label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal")
+    label.add_argument("--run-dir", required=True)
+    label.add_argument("--judge-name", default="human", help="recorded in every label as its judge (default: human)")
     return parser
 
 
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PipelineError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        console.print("[red]error:[/red]", escape(str(exc)), highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume")
@@ -74,7 +79,7 @@ def cmd_run(args) -> int:
 def cmd_plan(args) -> int:
     runner, names = _setup(args)
     for decision in runner.plan(names):
-        out.print(f"[bold]{decision.stage:<6}[/bold] {decision.action:<7} {decision.reason}")
+        out.print(f"[bold]{decision.stage:<11}[/bold] {decision.action:<7} {decision.reason}")
     return 0
 
 
@@ -91,7 +96,7 @@ def cmd_status(args) -> int:
     for name, info in stages.items():
         metrics = info.get("metrics", {})
         headline = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.endswith("loss") and v is not None)
-        out.print(f"[bold]{name:<6}[/bold] {info['status']:<12} checkpoint={info.get('newest_checkpoint')} {headline}")
+        out.print(f"[bold]{name:<11}[/bold] {info['status']:<12} checkpoint={info.get('newest_checkpoint')} {headline}")
     return 0
 
 
@@ -102,7 +107,46 @@ def cmd_validate(args) -> int:
     return validate(runner.config, names)
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate}
+def _check_judge_is_human(run_dir: Path) -> None:
+    """Labels given here are read only by a run whose judge is a person; anything else would ignore them silently."""
+    import yaml
+
+    config_path = run_dir / "config.yaml"  # the resolved config, written by `run`; absent before the first run
+    if not config_path.exists():
+        return
+    judge = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("preferences", {}).get("judge", {})
+    if judge.get("type", "human") != "human":
+        raise PipelineError(f"this run's judge is {judge['type']!r} (preferences.judge.type in {config_path}), so "
+                            "the preferences stage would not read labels given here; set it to human to label "
+                            "by hand")
+
+
+def cmd_label(args) -> int:
+    run_dir = Path(args.run_dir)
+    pairs_path = run_dir / "preferences" / "pairs.jsonl"
+    if not pairs_path.exists():
+        raise PipelineError(f"{run_dir} has no pairs to label yet ({pairs_path} is missing): "
+                            "run `python -m pipeline run --stage preferences` first")
+    _check_judge_is_human(run_dir)
+    from pipeline.lock import RunLock
+    from reward.build import human_labels_path
+    from reward.importers import load_pairs
+    from reward.interactive import label_interactively
+    from reward.pairs import LabelStore
+
+    # The lock keeps a running pipeline (whose stage may be labelling too) from writing the same label file.
+    with RunLock(run_dir), LabelStore(human_labels_path(run_dir)) as store:
+        pairs = load_pairs(pairs_path)  # read under the lock: the stage rewrites the file when it runs again
+        session = label_interactively(pairs, store, args.judge_name)
+    if session.remaining:
+        console.print(f"{session.remaining} of {len(pairs)} pairs still unlabelled; continue with "
+                      f"`python -m pipeline label --run-dir {run_dir}`", markup=False)
+    else:
+        console.print(f"all {len(pairs)} pairs labelled; run `python -m pipeline run` to continue", markup=False)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,9 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-STAGE_ORDER = ("cpt", "sft")
+STAGE_ORDER = ("cpt", "sft", "preferences", "rm", "dpo", "ppo")
+POLICY_STAGES = ("cpt", "sft")  # stages whose result is a policy; `init_from: auto` starts from the latest of these
+JUDGE_TYPES = ("human", "human_file", "llm", "api", "rule", "reward_model")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 PEFT_METHODS = ("lora", "prefix", "prompt", "p_tuning", "ia3", "full")
 
@@ -82,6 +84,179 @@ class StageConfig:
 
 
 @dataclass
+class SamplingConfig:
+    num_responses: int = 2
+    """Responses sampled per prompt (k >= 2); every two of them make a pair (k=2: one pair, k=4: six)."""
+    max_new_tokens: int = 128
+    """The longest response; one that reaches it without an end-of-turn token is counted as truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest token set with this much probability."""
+    batch_size: int = 8
+    """Prompts per generate call (each with num_responses samples)."""
+
+
+@dataclass
+class JudgeConfig:
+    type: str = "human"
+    """human (in the terminal), human_file, llm, api, rule or reward_model: swapping a person for an AI is this key."""
+    path: str | None = None
+    """human_file: the labels file ({prompt, response_a, response_b, winner} or {pair_id, winner} per line)."""
+    function: str | None = None
+    """rule: 'module:function' scoring (prompt messages, response) -> float; the higher score wins."""
+    model: str | None = None
+    """llm: a model directory or built-in name (default: model.name_or_path); api: the model name sent to the
+    endpoint; reward_model: a stage name of this run (rm) or a reward model directory (full model or adapter)."""
+    base_url: str | None = None
+    """api: the OpenAI-compatible endpoint root, e.g. https://api.openai.com/v1."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """api: the NAME of the environment variable holding the key (the key itself is never in a config or a file)."""
+    rubric: str | None = None
+    """llm, api: what makes a response better (default: helpful, honest, harmless, answers what was asked)."""
+    principles: list = field(default_factory=list)
+    """llm, api: a list of principles (a constitution) to judge by, instead of a rubric."""
+    batch_size: int = 8
+    """Pairs judged per batch; labels are saved as they come, so an interrupted stage loses none."""
+    max_length: int = 1024
+    """llm, reward_model: the longest judge input in tokens; longer pairs stay unlabelled (and are counted)."""
+    max_concurrency: int = 4
+    """api: requests in flight at once."""
+    max_retries: int = 5
+    """api: retries of a request after a 429, 5xx, timeout or dropped connection, with exponential backoff."""
+    timeout: float = 60.0
+    """api: seconds to wait for one response."""
+    tie_margin: float = 0.0
+    """reward_model: reward differences up to this are ties."""
+
+
+# Which judge type uses which of the optional JudgeConfig keys (the rest are shared).
+JUDGE_KEYS = {
+    "human": (), "human_file": ("path",), "rule": ("function",),
+    "llm": ("model", "rubric", "principles", "max_length"),
+    "api": ("model", "base_url", "api_key_env", "rubric", "principles", "max_concurrency", "max_retries", "timeout"),
+    "reward_model": ("model", "max_length", "tie_margin"),
+}
+JUDGE_REQUIRED = {"human_file": ("path",), "rule": ("function",), "api": ("model", "base_url"),
+                  "reward_model": ("model",)}
+
+
+@dataclass
+class PreferencesConfig:
+    enabled: bool = True
+    """Whether `run` without --stage runs this stage."""
+    init_from: str = "auto"
+    """The policy that samples responses: auto (the latest of cpt/sft), base, a stage name, or a model/adapter path."""
+    prompts: str | None = None
+    """Prompts to sample responses for: {"prompt": str or messages} or {"messages": [...]} per line."""
+    max_prompts: int | None = None
+    """Use only the first N prompts of the file."""
+    pairs: str | None = None
+    """Ready-made pairs to label: {"prompt", "response_a", "response_b"} per line (with `prompts`, both are used)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How responses are sampled from the policy."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """Who labels the pairs."""
+    compare_with: str | None = None
+    """A human_file of labels for the same pairs; agreement, Cohen's kappa, tie and order-flip rates are reported."""
+
+
+@dataclass
+class EvaluationConfig:
+    prompts: str | None = None
+    """Held-out prompts on which dpo and ppo are compared with the policy they started from; None skips that."""
+    max_prompts: int | None = None
+    """Use only the first N prompts."""
+    max_new_tokens: int = 96
+    """The longest response sampled from each policy."""
+    temperature: float = 1.0
+    """Responses are sampled (seeded), so the KL estimate is over what the policy actually says."""
+    batch_size: int = 8
+    """Prompts per generate call."""
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(type="reward_model", model="rm"))
+    """Who decides the win rate of the new policy over the starting one (any judge but human)."""
+    measure: str | None = None
+    """A held-out check never trained on: 'module:function' (prompt, response) -> float, averaged over the
+    responses before and after (the demo: reward.rules:is_specific)."""
+
+
+@dataclass
+class RewardSourceConfig:
+    type: str = "reward_model"
+    """reward_model (a scalar from a Bradley-Terry model) or rule (a Python scoring function)."""
+    model: str = "rm"
+    """reward_model: a stage name of this run (rm) or a reward model directory."""
+    function: str | None = None
+    """rule: 'module:function' scoring (prompt messages, response) -> float."""
+
+
+@dataclass
+class PPOTrainerConfig:
+    max_steps: int = 20
+    """PPO iterations; each samples a rollout batch, scores it and runs the optimisation epochs over it."""
+    rollout_batch_size: int = 8
+    """Prompts per iteration (one response each)."""
+    mini_batch_size: int = 4
+    """Responses per optimiser step within an epoch."""
+    num_ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    learning_rate: float = 1e-5
+    """AdamW learning rate for the actor and critic adapters and the value head."""
+    max_new_tokens: int = 64
+    """The longest response."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts."""
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """PPO's clip range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clip range of the value function around its rollout-time values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    kl_coef: float = 0.05
+    """Initial coefficient of the per-token KL penalty to the reference policy."""
+    kl_target: float | None = None
+    """With a target, the KL coefficient adapts (Ziegler et al.) to keep the KL near it; None keeps it fixed."""
+    kl_horizon: int = 10000
+    """The adaptive KL controller's horizon, in samples."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the score of a response that hits max_new_tokens without an end-of-turn token."""
+    whiten_advantages: bool = True
+    """Normalise advantages to zero mean, unit variance per rollout batch."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    save_steps: int = 10
+    """Checkpoint every N iterations (and at the end)."""
+    sample_every: int = 5
+    """Log a table of (prompt, response, reward) samples every N iterations."""
+    logging_steps: int = 1
+    """Log metrics every N iterations."""
+
+
+@dataclass
+class PPOConfig:
+    enabled: bool = True
+    """Whether `run` without --stage runs this stage."""
+    init_from: str = "auto"
+    """The policy the actor starts from (and the reference it is held to): auto (the latest of cpt/sft), base, a
+    stage name, or a model/adapter path."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts ({"prompt"} or {"messages"} per line) in data.train; eval/eval_split hold some out for evaluation."""
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    """Where the scalar reward comes from."""
+    critic: str | None = None
+    """None: a value head with its own adapter on the shared base model; or a (small) model directory or built-in
+    name to use as a separate critic."""
+    trainer: PPOTrainerConfig = field(default_factory=PPOTrainerConfig)
+    """The PPO hyperparameters (our own trainer: TRL has no PPO)."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 42
     """Seeds data splits, model init and the trainers (unless a stage's trainer.seed says otherwise)."""
@@ -92,10 +267,16 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cpt: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     sft: StageConfig = field(default_factory=StageConfig)
+    preferences: PreferencesConfig = field(default_factory=lambda: PreferencesConfig(enabled=False))
+    rm: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    dpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """How dpo and ppo are evaluated against their starting policy."""
 
     source: str = field(default="<defaults>", metadata={"internal": True})
 
-    def stage(self, name: str) -> StageConfig:
+    def stage(self, name: str) -> StageConfig | PreferencesConfig:
         return getattr(self, name)
 
     def to_dict(self) -> dict:
@@ -146,7 +327,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[leaf] = parse_yaml(value) if value else ""
+    node[leaf] = parse_yaml(value)  # an empty value is null, as in a YAML file: `--set key=` unsets key
 
 
 def _build(cls, raw: Any, prefix: str, source: str):
@@ -164,7 +345,7 @@ def _build(cls, raw: Any, prefix: str, source: str):
             values[key] = _build(hint, value, f"{prefix}{key}.", source)
         else:
             values[key] = _check_type(value, hint, f"{prefix}{key}", source)
-    if cls is StageConfig and "enabled" not in raw:
+    if cls in (StageConfig, PreferencesConfig, PPOConfig) and "enabled" not in raw:
         values["enabled"] = True  # writing a stage section into the config is how a user turns it on
     return cls(**values)
 
@@ -194,9 +375,9 @@ def _check_values(config: RunConfig) -> None:
     for target in config.tracking.report_to:
         if target not in ("wandb", "tensorboard"):
             raise ConfigError(f"{config.source}: tracking.report_to: '{target}' is not wandb or tensorboard")
-    for name in STAGE_ORDER:
+    for name in ("cpt", "sft", "rm", "dpo"):
         stage = config.stage(name)
-        if stage.enabled and not stage.data.train:
+        if stage.enabled and name in POLICY_STAGES and not stage.data.train:
             raise ConfigError(f"{config.source}: {name}.data.train is required when the {name} stage is enabled")
         for key in stage.data.delimiters:
             if key not in ("start", "sep", "eos"):
@@ -204,6 +385,91 @@ def _check_values(config: RunConfig) -> None:
                                   f"{suggest(key, ('start', 'sep', 'eos'))}")
         if not 0 <= stage.data.eval_split < 1:
             raise ConfigError(f"{config.source}: {name}.data.eval_split must be in [0, 1), got {stage.data.eval_split}")
+    _check_preferences(config)
+    _check_evaluation(config)
+    _check_ppo(config)
+
+
+def _check_evaluation(config: RunConfig) -> None:
+    evaluation, source = config.evaluation, config.source
+    judge = evaluation.judge
+    if judge.type not in JUDGE_TYPES or judge.type == "human":
+        raise ConfigError(f"{source}: evaluation.judge.type '{judge.type}' must be one of "
+                          f"{', '.join(t for t in JUDGE_TYPES if t != 'human')} (a person is not asked here)")
+    for key in JUDGE_REQUIRED.get(judge.type, ()):
+        if not getattr(judge, key):
+            raise ConfigError(f"{source}: evaluation.judge.{key} is required for judge type {judge.type}")
+    if evaluation.max_new_tokens < 1 or evaluation.batch_size < 1 or evaluation.temperature <= 0:
+        raise ConfigError(f"{source}: evaluation needs max_new_tokens >= 1, batch_size >= 1 and temperature > 0")
+
+
+def _check_preferences(config: RunConfig) -> None:
+    prefs, source = config.preferences, config.source
+    if prefs.enabled and not (prefs.prompts or prefs.pairs):
+        raise ConfigError(f"{source}: the preferences stage needs preferences.prompts (to sample responses) "
+                          "or preferences.pairs (ready-made pairs), or both")
+    sampling = prefs.sampling
+    if sampling.num_responses < 2:
+        raise ConfigError(f"{source}: preferences.sampling.num_responses must be at least 2 to make a pair")
+    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
+            or sampling.batch_size < 1:
+        raise ConfigError(f"{source}: preferences.sampling needs temperature > 0, 0 < top_p <= 1, "
+                          "max_new_tokens >= 1 and batch_size >= 1")
+    judge = prefs.judge
+    if judge.type not in JUDGE_TYPES:
+        raise ConfigError(f"{source}: preferences.judge.type '{judge.type}' is not one of "
+                          f"{', '.join(JUDGE_TYPES)}{suggest(judge.type, JUDGE_TYPES)}")
+    for key in JUDGE_REQUIRED.get(judge.type, ()):
+        if not getattr(judge, key):
+            raise ConfigError(f"{source}: preferences.judge.{key} is required for judge type {judge.type}")
+    if judge.rubric and judge.principles:
+        raise ConfigError(f"{source}: set preferences.judge.rubric or preferences.judge.principles, not both")
+    if judge.batch_size < 1 or judge.max_length < 1:
+        raise ConfigError(f"{source}: preferences.judge.batch_size and max_length must be at least 1")
+
+
+def _check_ppo(config: RunConfig) -> None:
+    ppo, source = config.ppo, config.source
+    if ppo.enabled and not ppo.data.train:
+        raise ConfigError(f"{source}: ppo.data.train (a prompts file) is required when the ppo stage is enabled")
+    if ppo.data.format != "auto" or ppo.data.columns or ppo.data.delimiters:
+        raise ConfigError(f"{source}: ppo.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); "
+                          "format, columns and delimiters do not apply to it")
+    if not 0 <= ppo.data.eval_split < 1:
+        raise ConfigError(f"{source}: ppo.data.eval_split must be in [0, 1), got {ppo.data.eval_split}")
+    reward = ppo.reward
+    if reward.type not in ("reward_model", "rule"):
+        raise ConfigError(f"{source}: ppo.reward.type '{reward.type}' is not reward_model or rule"
+                          f"{suggest(reward.type, ('reward_model', 'rule'))}")
+    if reward.type == "rule" and not reward.function:
+        raise ConfigError(f"{source}: ppo.reward.function ('module:function') is required for reward type rule")
+    if reward.type == "reward_model" and not reward.model:
+        raise ConfigError(f"{source}: ppo.reward.model (rm, or a reward model directory) is required")
+    t = ppo.trainer
+    checks = [
+        (t.max_steps >= 1, "max_steps >= 1"), (t.rollout_batch_size >= 1, "rollout_batch_size >= 1"),
+        (t.mini_batch_size >= 1 and t.rollout_batch_size % t.mini_batch_size == 0,
+         f"mini_batch_size to divide rollout_batch_size ({t.mini_batch_size} into {t.rollout_batch_size})"),
+        (t.num_ppo_epochs >= 1, "num_ppo_epochs >= 1"), (t.learning_rate > 0, "learning_rate > 0"),
+        (t.max_new_tokens >= 1, "max_new_tokens >= 1"), (t.temperature > 0, "temperature > 0"),
+        (0 < t.top_p <= 1, "0 < top_p <= 1"), (0 <= t.gamma <= 1 and 0 <= t.lam <= 1, "gamma and lam in [0, 1]"),
+        (t.cliprange > 0 and t.cliprange_value > 0, "cliprange and cliprange_value > 0"),
+        (t.vf_coef >= 0 and t.kl_coef >= 0, "vf_coef and kl_coef >= 0"),
+        (t.kl_target is None or t.kl_target > 0, "kl_target > 0 (or unset for a fixed coefficient)"),
+        (t.kl_horizon >= 1 and t.max_grad_norm > 0, "kl_horizon >= 1 and max_grad_norm > 0"),
+        (min(t.save_steps, t.sample_every, t.logging_steps) >= 1, "save_steps, sample_every, logging_steps >= 1"),
+    ]
+    for ok, need in checks:
+        if not ok:
+            raise ConfigError(f"{source}: ppo.trainer needs {need}")
+
+
+def unused_judge_keys(judge: JudgeConfig) -> list[str]:
+    """Keys set for another judge type. Not an error: swapping judges must stay a change of `type` alone."""
+    defaults = JudgeConfig()
+    optional = {key for keys in JUDGE_KEYS.values() for key in keys}
+    return [key for key in sorted(optional - set(JUDGE_KEYS[judge.type]))
+            if getattr(judge, key) != getattr(defaults, key)]
 
 
 def suggest(word: str, choices) -> str:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import CheckpointMarker, MetricsFile, read_manifest, write_manifest
+from pipeline.artifacts import read_manifest, write_manifest
 from pipeline.config import RunConfig, StageConfig
 
 
@@ -24,6 +24,15 @@ class ModelSource:
             return None
         return json.loads((self.adapter / "adapter_config.json").read_text())["peft_type"].lower()
 
+    @classmethod
+    def of_stage(cls, stage_dir: Path) -> ModelSource:
+        """A completed stage's result: its final adapter on the base it was trained on, or its final full model."""
+        final = stage_dir / "final"
+        if (final / "adapter_config.json").exists():
+            manifest = read_manifest(stage_dir) or {}
+            return cls(Path(manifest["base_model"]), final, f"{stage_dir.name}'s final adapter")
+        return cls(final, None, f"{stage_dir.name}'s final model")
+
     def to_dict(self) -> dict:
         return {"base": str(self.base), "adapter": str(self.adapter) if self.adapter else None,
                 "description": self.description}
@@ -34,9 +43,12 @@ class StageContext:
     name: str
     config: RunConfig
     stage_dir: Path
-    init: ModelSource
+    init: ModelSource | None  # None for a stage that loads no model (preferences from ready-made pairs)
     run_name: str
     resume_from: Path | None = None
+    data_from: Path | None = None
+    """An earlier stage's final/ directory holding the data this stage trains on (see runner.DATA_FROM)."""
+    run_dir: Path | None = None
 
     @property
     def section(self) -> StageConfig:
@@ -58,4 +70,6 @@ class StageContext:
         write_manifest(self.stage_dir, manifest)
 
     def callbacks(self) -> list:
+        from pipeline.callbacks import CheckpointMarker, MetricsFile
+
         return [CheckpointMarker(), MetricsFile(self.stage_dir / "metrics.jsonl")]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)  # progress and messages
+# Messages are not hard-wrapped (greppable logs); tables get room when the output is a file rather than a terminal.
+console = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 140)
 out = Console(highlight=False, soft_wrap=True)  # a command's answer (plan, status), for pipes and scripts
 
 

@@ -172,7 +172,11 @@ def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Pa
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(model_cfg))
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    # From a causal LM the score head is new and lm_head unused, as intended: TRL's scope hides that load report.
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(model_cfg))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     # The score is read at the last token that is not padding, found through pad_token_id.

@@ -10,8 +10,6 @@ The decision for a stage, from its manifest and what it would consume now:
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,17 @@ from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
 )
-from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.config import POLICY_STAGES, STAGE_ORDER, RunConfig
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.lock import RunLock
 from pipeline.log import log, warn
 from pipeline.models import BUILTIN_MODELS, resolve_model_path
 from stages import STAGES
+
+
+# Where a stage's data comes from when its config names no file: the wiring between stages, in one visible place.
+DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Decision:
     init: ModelSource | None = None
     resume_from: Path | None = None
     hashes: dict = field(default_factory=dict)
+    data_from: Path | None = None  # an earlier stage's output the stage trains on (DATA_FROM)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -58,67 +62,14 @@ def selected_stages(config: RunConfig, names: list[str] | None) -> list[str]:
 
 
 def preflight(config: RunConfig, names: list[str]) -> None:
-    """Everything that can be checked without compute: data files parse, trainer and PEFT options are valid."""
-    from trl import SFTConfig
-
+    """Everything that can be checked without compute: data files parse, trainer, PEFT and judge options are valid."""
     from pipeline.models import peft_config_for
-    from stages.lm import stage_defaults, trainer_args
 
     peft_config_for(config.peft)
     if config.model.name_or_path not in BUILTIN_MODELS:
         resolve_model_path(config.model.name_or_path)
     for name in names:
-        STAGES[name].load(config)
-        trainer_keys = {**stage_defaults(config, has_eval=False), **config.stage(name).trainer}
-        trainer_args(SFTConfig, name, trainer_keys, config.seed, output_dir="unused")
-
-
-class RunLock:
-    """An exclusive lock on a run directory, released by the OS if the holder dies (so a kill never wedges it)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.handle = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")
-        # `status` probes the lock for an instant; a few retries keep that probe from turning a run away.
-        for attempt in range(10):
-            try:
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 9:
-                    self.handle.seek(0)
-                    holder = self.handle.read().strip() or "another process"
-                    self.handle.close()
-                    raise PipelineError(
-                        f"{self.path.parent} is in use by {holder}; wait for it or use another --run-dir"
-                    ) from None
-                time.sleep(0.1)
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.handle.flush()
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-
-    @staticmethod
-    def is_held(run_dir: Path) -> bool:
-        path = run_dir / ".lock"
-        if not path.exists():
-            return False
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return False
+        STAGES[name].check(config)
 
 
 class Runner:
@@ -128,18 +79,12 @@ class Runner:
 
     # ---------------------------------------------------------------- inputs
 
-    def _stage_output(self, name: str) -> ModelSource:
-        manifest = read_manifest(self.run_dir / name) or {}
-        final = self.run_dir / name / "final"
-        if (final / "adapter_config.json").exists():
-            return ModelSource(Path(manifest["base_model"]), final, f"{name}'s final adapter")
-        return ModelSource(final, None, f"{name}'s final model")
-
     def _init_source(self, name: str, will_run: set[str]) -> tuple[ModelSource | None, str | None]:
         """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
         init = self.config.stage(name).init_from
         if init == "auto":
-            earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)] if self.config.stage(s).enabled]
+            earlier = [s for s in POLICY_STAGES if s in STAGE_ORDER[: STAGE_ORDER.index(name)]
+                       and self.config.stage(s).enabled]
             if earlier:
                 init = earlier[-1]
                 if init not in will_run and not self._completed(init):
@@ -156,7 +101,7 @@ class Runner:
                 return None, init  # known only once that stage has run
             if not self._completed(init):
                 raise PipelineError(f"{name}.init_from is '{init}', but {init} has not completed in {self.run_dir}")
-            return self._stage_output(init), init
+            return ModelSource.of_stage(self.run_dir / init), init
         path = Path(init)
         if (path / "adapter_config.json").exists():
             return ModelSource(resolve_model_path(self.config.model.name_or_path), path, f"the adapter {path}"), None
@@ -164,18 +109,31 @@ class Runner:
             return ModelSource(path, None, f"the model {path}"), None
         raise ConfigError(f"{name}.init_from '{init}' is not auto, base, a stage name, or a model/adapter directory")
 
+    def _data_source(self, name: str, will_run: set[str]) -> str | None:
+        """The earlier stage whose output `name` trains on, when its config names no data file of its own."""
+        upstream = DATA_FROM.get(name)
+        if upstream is None or self.config.stage(name).data.train:
+            return None
+        if upstream not in will_run and not self._completed(upstream):
+            raise PipelineError(f"{name} trains on {upstream}'s output, but {upstream} has not completed in "
+                                f"{self.run_dir}; run it first, or set {name}.data.train to a preference file")
+        return upstream
+
     def _completed(self, name: str) -> bool:
         manifest = read_manifest(self.run_dir / name)
         return bool(manifest and manifest.get("status") == "completed")
 
-    def _hashes(self, name: str, init: ModelSource, upstream: str | None) -> dict:
+    def _hashes(self, name: str, init: ModelSource | None, upstream: str | None, data_upstream: str | None) -> dict:
         config = self.config
         section = config.stage(name)
         hashes = {"config": hash_config({"stage": _asdict(section), "model": _asdict(config.model),
                                          "peft": _asdict(config.peft), "seed": config.seed})}
-        for key in ("train", "eval"):
-            if getattr(section.data, key):
-                hashes[f"data.{key}"] = hash_path(Path(getattr(section.data, key)))
+        for key, path in STAGES[name].data_files(config).items():
+            hashes[f"data.{key}"] = hash_path(Path(path))
+        if data_upstream:
+            hashes[f"data.{data_upstream}"] = (read_manifest(self.run_dir / data_upstream) or {}).get("output_hash", "")
+        if init is None:
+            return hashes
         if upstream:
             hashes["init"] = (read_manifest(self.run_dir / upstream) or {}).get("output_hash", "")
         elif init.adapter:
@@ -188,24 +146,32 @@ class Runner:
     # ---------------------------------------------------------------- decisions
 
     def decide(self, name: str, will_run: set[str]) -> Decision:
-        init, upstream = self._init_source(name, will_run)
+        init, upstream = (self._init_source(name, will_run) if STAGES[name].uses_model(self.config)
+                          else (None, None))
+        data_upstream = self._data_source(name, will_run)
         stage_dir = self.run_dir / name
         manifest = read_manifest(stage_dir)
-        if init is None:
-            return Decision(name, "run" if not manifest else "rerun", f"its input comes from {upstream}, which runs first")
-        hashes = self._hashes(name, init, upstream)
+        pending = [s for s in (upstream, data_upstream) if s in will_run]
+        if pending:
+            return Decision(name, "run" if not manifest else "rerun",
+                            f"its input comes from {' and '.join(pending)}, which runs first")
+        hashes = self._hashes(name, init, upstream, data_upstream)
+        data_from = self.run_dir / data_upstream / "final" if data_upstream else None
         if self.fresh and manifest:
-            return Decision(name, "rerun", "--fresh: earlier progress is moved to .history/", init, None, hashes)
+            return Decision(name, "rerun", "--fresh: earlier progress is moved to .history/", init, None, hashes,
+                            data_from)
         if not manifest:
-            return Decision(name, "run", f"not run yet; starts from {init.description}", init, None, hashes)
+            return Decision(name, "run", f"not run yet; starts from {init.description if init else 'its data'}",
+                            init, None, hashes, data_from)
         changed = [k for k in sorted(set(hashes) | set(manifest.get("hashes", {})))
                    if hashes.get(k) != manifest.get("hashes", {}).get(k)]
         status = manifest.get("status")
         if status == "completed":
             if not changed and (stage_dir / "final").exists():
-                return Decision(name, "skip", "completed with the same config and inputs", init, None, hashes)
+                return Decision(name, "skip", "completed with the same config and inputs", init, None, hashes,
+                                data_from)
             return Decision(name, "rerun", f"changed since it completed: {', '.join(changed) or 'final/ missing'}",
-                            init, None, hashes)
+                            init, None, hashes, data_from)
         if changed:
             raise PipelineError(
                 f"{name} has progress from an earlier attempt ({status}) with a different {', '.join(changed)}; "
@@ -214,9 +180,9 @@ class Runner:
         checkpoints = complete_checkpoints(stage_dir / "checkpoints")
         if checkpoints:
             return Decision(name, "resume", f"{status}; resuming from {checkpoints[-1].name}", init, checkpoints[-1],
-                            hashes)
+                            hashes, data_from)
         return Decision(name, "run", f"{status} before its first complete checkpoint; starting from step 0",
-                        init, None, hashes)
+                        init, None, hashes, data_from)
 
     def plan(self, names: list[str]) -> list[Decision]:
         decisions, will_run = [], set()
@@ -252,19 +218,22 @@ class Runner:
         manifest = read_manifest(stage_dir) or {"stage": decision.stage, "attempts": 0, "metrics": {}}
         manifest.update(
             status="running", hashes=decision.hashes, config=_asdict(self.config.stage(decision.stage)),
-            init=decision.init.to_dict(), started_at=time.time(), attempts=manifest["attempts"] + 1,
+            init=decision.init.to_dict() if decision.init else None, started_at=time.time(),
+            attempts=manifest["attempts"] + 1,
             resumed_from=decision.resume_from.name if decision.resume_from else None,
         )
         manifest.setdefault("wandb_run_id", tracking.new_run_id())
         write_manifest(stage_dir, manifest)
         tracking.configure(self.config.tracking, self.run_dir, self.run_name, decision.stage, manifest["wandb_run_id"])
-        ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from)
+        ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from,
+                           decision.data_from, self.run_dir)
         try:
             metrics = STAGES[decision.stage].run(ctx)
         except BaseException as exc:
             manifest = read_manifest(stage_dir)
             interrupted = isinstance(exc, KeyboardInterrupt)
-            manifest.update(status="interrupted" if interrupted else "failed", error=None if interrupted else str(exc))
+            status = "interrupted" if interrupted else getattr(exc, "status", "failed")
+            manifest.update(status=status, error=None if interrupted else str(exc))
             write_manifest(stage_dir, manifest)
             raise
         manifest = read_manifest(stage_dir)

@@ -39,14 +39,33 @@ def print_summary(manifests: list[dict]) -> None:
     if not is_main_process():
         return
     table = Table(title="pipeline run")
-    for column in ("stage", "status", "time (s)", "steps", "train loss", "eval loss before → after", "resumed from"):
+    for column in ("stage", "status", "time (s)", "steps", "train loss", "headline", "resumed from"):
         table.add_column(column)
     for manifest in manifests:
         metrics = manifest.get("metrics", {})
-        before, after = metrics.get("eval/loss_before"), metrics.get("eval/loss")
         table.add_row(
             manifest["stage"], manifest["status"], _fmt(manifest.get("duration_s"), 1), _fmt(metrics.get("train/steps")),
-            _fmt(metrics.get("train/loss")), f"{_fmt(before)} → {_fmt(after)}" if after is not None else "",
-            _fmt(manifest.get("resumed_from")),
+            _fmt(metrics.get("train/loss")), headline(metrics), _fmt(manifest.get("resumed_from")),
         )
     console.print(table)
+
+
+def headline(metrics: dict) -> str:
+    """The number a user looks at first for each kind of stage."""
+    parts = []
+    if metrics.get("eval/loss") is not None:
+        parts.append(f"eval loss {_fmt(metrics.get('eval/loss_before'))} → {_fmt(metrics['eval/loss'])}")
+    if metrics.get("preferences/rows") is not None:
+        parts.append(f"{metrics['preferences/rows']} pairs, {metrics['preferences/ties']} ties")
+    if metrics.get("agreement/raw") is not None:
+        parts.append(f"agreement {metrics['agreement/raw']:.0%}, κ {_fmt(metrics.get('agreement/kappa'))}")
+    if metrics.get("rm/eval_accuracy") is not None:
+        parts.append(f"held-out accuracy {_fmt(metrics.get('rm/eval_accuracy_before'))} → "
+                     f"{metrics['rm/eval_accuracy']:.3f}")
+    if metrics.get("dpo/eval_accuracy") is not None:
+        parts.append(f"held-out reward accuracy {_fmt(metrics.get('dpo/eval_accuracy_before'))} → "
+                     f"{metrics['dpo/eval_accuracy']:.3f}")
+    if metrics.get("ppo/reward_mean") is not None:
+        parts.append(f"reward {_fmt(metrics.get('ppo/reward_mean_first'), 3)} → {metrics['ppo/reward_mean']:.3f}, "
+                     f"KL {_fmt(metrics.get('ppo/kl'), 2)}")
+    return "; ".join(parts)

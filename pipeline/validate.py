@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import RunConfig
+from pipeline.config import POLICY_STAGES, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.log import console, log
 from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
@@ -42,6 +42,9 @@ def validate(config: RunConfig, names: list[str]) -> int:
     log(f"peft: {check_peft_targets(config)}")
     for name in names:
         stage = STAGES[name]
+        if name not in POLICY_STAGES:  # cpt and sft render samples; the others summarise their inputs
+            log(f"[bold]{name}[/bold]: {stage.check(config)}")
+            continue
         train, held_out = stage.load(config)
         limit = max_length(config.stage(name).trainer)
         train_tok, eval_tok = stage.tokenize(config, tokenizer, train, held_out, limit)

@@ -23,10 +23,9 @@ from typing import Callable
 
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
-from reward.judges import combine_both_orders
+from reward.judges import DEFAULT_RUBRIC, combine_both_orders, judge_messages
 from reward.pairs import Label, Pair
 
-DEFAULT_RUBRIC = "Prefer the response that is more helpful, honest and harmless, and that answers what was asked."
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _ANSWER = re.compile(r"""[\s"'*(\[]*(?:response\s*)?([AB])[\s"'*)\].:]*""", re.IGNORECASE)
 
@@ -104,12 +103,7 @@ class ApiJudge:
         return key
 
     def messages(self, pair: Pair, first: str, second: str) -> list[dict]:
-        conversation = "\n\n".join(f"{m['role']}: {m['content']}" for m in pair.prompt)
-        system = (f"You compare two responses to the same conversation. {self.config.rubric}\n"
-                  "Answer with a single letter: A or B.")
-        user = (f"[Conversation]\n{conversation}\n\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
-                "Which response is better? Answer A or B.")
-        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return judge_messages(pair, first, second, self.config.rubric)
 
     def _post(self, messages: list[dict]) -> str:
         body = {"model": self.config.model, "messages": messages}

@@ -2,8 +2,9 @@
 
 Every judge has one shape (`Judge`), so the preferences stage swaps a person for a model by one config key
 (`preferences.judge.type`). Here: `RuleJudge` (a Python scoring function) and `HumanFileJudge` (labels someone
-already gave, in a file); `ApiJudge` lives in reward.api_judge. LLM judges see every pair in both orders, because
-models favour one position; `combine_both_orders` turns the two answers into one label and keeps both.
+already gave, in a file). The model judges (reward.api_judge, reward.llm_judge, reward.rm_judge) live in their
+own modules; the LLM ones share `judge_messages`, the question they are asked, and see every pair in both orders,
+because models favour one position: `combine_both_orders` turns the two answers into one label and keeps both.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ class Judge(Protocol):
     name: str
 
     def judge(self, pairs: list[Pair]) -> list[Label]: ...
+
+
+DEFAULT_RUBRIC = "Prefer the response that is more helpful, honest and harmless, and that answers what was asked."
+
+
+def constitution(principles: list[str]) -> str:
+    """Principles written out as the numbered list a judge's system message carries in place of a rubric."""
+    lines = "\n".join(f"{i}. {principle}" for i, principle in enumerate(principles, 1))
+    return f"Judge by these principles:\n{lines}"
+
+
+def judge_messages(pair: Pair, first: str, second: str, rubric: str = DEFAULT_RUBRIC) -> list[dict]:
+    """The chat a model judge is asked: `first` shown as Response A, `second` as B, `rubric` in the system message.
+
+    One wording for the API and the local LLM judge, so swapping one for the other changes the judge, not the
+    question."""
+    conversation = "\n\n".join(f"{m['role']}: {m['content']}" for m in pair.prompt)
+    system = (f"You compare two responses to the same conversation. {rubric}\n"
+              "Answer with a single letter: A or B.")
+    user = (f"[Conversation]\n{conversation}\n\n[Response A]\n{first}\n\n[Response B]\n{second}\n\n"
+            "Which response is better? Answer with A or B.")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def unlabelled(pairs: Iterable[Pair], labels: Iterable[Label]) -> list[Pair]:

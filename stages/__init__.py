@@ -1,10 +1,13 @@
 """The stages, in pipeline order. Each module has the same shape:
 
-    load(config) -> (train_records, eval_records)   parse and validate the data; no compute
-    tokenize(config, tokenizer, train, eval, max_length) -> (Tokenized, Tokenized)
-    run(ctx: StageContext) -> metrics dict           train and write ctx.final_dir
+    check(config) -> str              validate its data and options without compute; a one-line summary
+    data_files(config) -> {key: path} the files it reads, hashed to decide whether it must run again
+    uses_model(config) -> bool         whether it starts from a model (init_from), so the runner wires one in
+    run(ctx: StageContext) -> metrics  do the work and write ctx.final_dir
+
+cpt and sft also expose load/tokenize, which `validate` uses to show a rendered sample.
 """
 
-from stages import cpt, sft
+from stages import cpt, dpo, ppo, preferences, rm, sft
 
-STAGES = {"cpt": cpt, "sft": sft}
+STAGES = {"cpt": cpt, "sft": sft, "preferences": preferences, "rm": rm, "dpo": dpo, "ppo": ppo}

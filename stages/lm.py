@@ -95,14 +95,36 @@ def load_training_model(ctx: StageContext, tokenizer):
         # A different method on top: fold the earlier adapter into the weights and keep that merged base, so the
         # new adapter still loads on exactly the weights it was trained on.
         model = PeftModel.from_pretrained(model, source.adapter).merge_and_unload()
-        base_dir = ctx.stage_dir / "base"
-        if not (base_dir / "config.json").exists():
-            _save_atomic(lambda out: (model.save_pretrained(out), tokenizer.save_pretrained(out)), base_dir)
-        log(f"{ctx.name}: merged {source.description} into the base weights at {base_dir}")
+        base_dir = save_merged_base(ctx, model, tokenizer)
     peft_config = peft_config_for(peft)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     return model, base_dir
+
+
+def check(config, name: str, load) -> str:
+    """The no-compute checks of cpt and sft: the data parses and the trainer keys are SFTConfig options."""
+    from trl import SFTConfig
+
+    train, held_out = load(config)
+    trainer_keys = {**stage_defaults(config, has_eval=False), **config.stage(name).trainer}
+    trainer_args(SFTConfig, name, trainer_keys, config.seed, output_dir="unused")
+    return f"{len(train)} train / {len(held_out)} eval records"
+
+
+def data_files(config, name: str) -> dict:
+    data = config.stage(name).data
+    return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
+
+
+def save_merged_base(ctx: StageContext, merged_model, tokenizer) -> Path:
+    """Keep the weights an earlier adapter was merged into at <stage>/base: the stage's own adapter is trained on
+    them, so they are what it must be loaded on later."""
+    base_dir = ctx.stage_dir / "base"
+    if not (base_dir / "config.json").exists():
+        save_atomic(lambda out: (merged_model.save_pretrained(out), tokenizer.save_pretrained(out)), base_dir)
+    log(f"{ctx.name}: merged {ctx.init.description} into the base weights at {base_dir}")
+    return base_dir
 
 
 def max_length(trainer: dict) -> int:
@@ -171,12 +193,12 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
         trainer.pop_callback(RichProgressCallback)
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     if trainer.is_world_process_zero():
-        _save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+        save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
     ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
     return metrics
 
 
-def _save_atomic(save, target: Path) -> None:
+def save_atomic(save, target: Path) -> None:
     """Write into a temporary sibling, then rename, so a crash never leaves a half-written result behind."""
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)

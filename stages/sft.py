@@ -32,3 +32,15 @@ def tokenize(config: RunConfig, tokenizer, train_convs: list, eval_convs: list, 
 
 def run(ctx) -> dict:
     return lm.run_stage(ctx, load, tokenize)
+
+
+def check(config: RunConfig) -> str:
+    return lm.check(config, NAME, load)
+
+
+def data_files(config: RunConfig) -> dict:
+    return lm.data_files(config, NAME)
+
+
+def uses_model(config: RunConfig) -> bool:
+    return True

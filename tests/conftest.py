@@ -50,3 +50,32 @@ def load_safetensors_dir(path: Path) -> dict:
     for file in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(file))
     return tensors
+
+
+def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str]) -> str:
+    """Start `python -m pipeline *args`, SIGKILL it as soon as `stage` has a complete checkpoint; return its name."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / stage / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
+        if markers:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return sorted(m.parent.name for m in markers)[0]
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")
+
+
+def max_abs_diff(expected_dir: Path, actual_dir: Path) -> float:
+    """The largest difference between two directories' safetensors weights (same keys required)."""
+    expected, actual = load_safetensors_dir(expected_dir), load_safetensors_dir(actual_dir)
+    assert expected.keys() == actual.keys()
+    return max((expected[k] - actual[k]).abs().max().item() for k in expected)

@@ -1,16 +1,27 @@
-"""The embedded SmolLM2-135M-Instruct through README's demo config (fewer steps): cpt then sft, real weights."""
+"""The embedded SmolLM2-135M-Instruct through README's demo config (fewer steps): cpt, sft, preferences, rm."""
 
 from __future__ import annotations
 
 import json
 
-from conftest import REPO, run_pipeline
+from conftest import run_pipeline
 
 
-def test_demo_config_runs_cpt_then_sft_on_the_embedded_model(tmp_path):
+def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "demo"
     run_pipeline("run", "--run-dir", str(run_dir), "--set", "cpt.trainer.max_steps=4",
-                 "--set", "sft.trainer.max_steps=6")
+                 "--set", "sft.trainer.max_steps=6", "--set", "rm.trainer.max_steps=4", "--set", "dpo.trainer.max_steps=2",
+                 "--set", "evaluation.max_prompts=8", "--set", "evaluation.max_new_tokens=32")
+    preferences = json.loads((run_dir / "preferences" / "stage.json").read_text())
+    rm = json.loads((run_dir / "rm" / "stage.json").read_text())
+    assert preferences["status"] == rm["status"] == "completed"
+    assert preferences["metrics"]["agreement/raw"] == 1.0  # the judge is the human file it is compared with
+    assert rm["init"]["adapter"].endswith("sft/final") and rm["base_model"].endswith("rm/base")
+    assert 0 <= rm["metrics"]["rm/eval_accuracy"] <= 1
+    dpo = json.loads((run_dir / "dpo" / "stage.json").read_text())
+    assert dpo["status"] == "completed" and dpo["base_model"].endswith("dpo/base")
+    assert dpo["metrics"]["eval/wins"] + dpo["metrics"]["eval/ties"] + dpo["metrics"]["eval/losses"] == 8
+    assert 0 <= dpo["metrics"]["eval/measure_after"] <= 1
     cpt = json.loads((run_dir / "cpt" / "stage.json").read_text())
     sft = json.loads((run_dir / "sft" / "stage.json").read_text())
     assert cpt["status"] == sft["status"] == "completed"
@@ -34,3 +45,16 @@ def test_demo_config_runs_cpt_then_sft_on_the_embedded_model(tmp_path):
     answer = out[0, prompt["input_ids"].shape[1]:]
     assert tokenizer.eos_token_id in answer.tolist(), tokenizer.decode(answer)
     assert len(tokenizer.decode(answer, skip_special_tokens=True).split()) >= 5
+
+
+def test_one_key_swaps_the_human_labels_for_smollm2_as_judge(tmp_path):
+    """RLHF to RLAIF: the demo's preferences with `judge.type=llm`, i.e. SmolLM2-135M-Instruct judging the pairs the
+    person labelled, both orders, reported against the person's labels."""
+    run_dir = tmp_path / "demo"
+    run_pipeline("run", "--run-dir", str(run_dir), "--stage", "preferences", "--set", "preferences.judge.type=llm")
+    manifest = json.loads((run_dir / "preferences" / "stage.json").read_text())
+    metrics = manifest["metrics"]
+    assert manifest["status"] == "completed" and metrics["agreement/pairs"] == 240
+    assert 0 <= metrics["preferences/order_flip_rate"] <= 1 and -1 <= metrics["agreement/kappa"] <= 1
+    [labels] = (run_dir / "labels").glob("llm-*.jsonl")
+    assert len(labels.read_text().splitlines()) == 240

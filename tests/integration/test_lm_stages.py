@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from conftest import REPO, load_safetensors_dir, run_pipeline
@@ -47,9 +48,12 @@ def test_sft_alone_completes_and_final_adapter_generates(tmp_path, tiny_model_di
     assert any(name.endswith("lora_B.weight") and w.abs().sum() > 0 for name, w in weights.items())
 
 
+CHAIN = ["--stage", "cpt", "--stage", "sft"]
+
+
 def test_cpt_then_sft_chain_skip_and_rerun(tmp_path):
     run_dir = tmp_path / "run"
-    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir))
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), *CHAIN)
     cpt = json.loads((run_dir / "cpt" / "stage.json").read_text())
     sft = json.loads((run_dir / "sft" / "stage.json").read_text())
     assert cpt["status"] == sft["status"] == "completed"
@@ -57,16 +61,16 @@ def test_cpt_then_sft_chain_skip_and_rerun(tmp_path):
     assert (run_dir / "config.yaml").exists()
 
     # Unchanged: nothing runs again.
-    plan = run_pipeline("plan", "--config", SMOKE, "--run-dir", str(run_dir)).stdout
+    plan = run_pipeline("plan", "--config", SMOKE, "--run-dir", str(run_dir), *CHAIN).stdout
     assert plan.count("skip") == 2
-    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir))
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), *CHAIN)
     assert json.loads((run_dir / "sft" / "stage.json").read_text())["attempts"] == 1
 
     # A changed cpt config re-runs cpt and, through its new output, sft; earlier results are kept in .history/.
     change = ["--set", "cpt.trainer.learning_rate=5e-4"]
-    plan = run_pipeline("plan", "--config", SMOKE, "--run-dir", str(run_dir), *change).stdout
-    assert "cpt    rerun" in plan and "sft    rerun" in plan
-    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), *change)
+    plan = run_pipeline("plan", "--config", SMOKE, "--run-dir", str(run_dir), *CHAIN, *change).stdout
+    assert re.search(r"cpt\s+rerun", plan) and re.search(r"sft\s+rerun", plan)
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), *CHAIN, *change)
     history = sorted(p.name.split("-")[0] for p in (run_dir / ".history").iterdir())
     assert history == ["cpt", "sft"]
     new_sft = json.loads((run_dir / "sft" / "stage.json").read_text())
@@ -75,7 +79,7 @@ def test_cpt_then_sft_chain_skip_and_rerun(tmp_path):
 
 def test_changed_config_refuses_to_resume_foreign_progress(tmp_path):
     run_dir = tmp_path / "run"
-    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir))
+    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir), *CHAIN)
     manifest_path = run_dir / "sft" / "stage.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["status"] = "failed"

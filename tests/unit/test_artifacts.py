@@ -14,7 +14,8 @@ from pipeline.artifacts import (
     incomplete_checkpoints, read_manifest, write_json_atomic, write_manifest,
 )
 from pipeline.errors import PipelineError
-from pipeline.runner import RunLock, stage_status
+from pipeline.lock import RunLock
+from pipeline.runner import stage_status
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

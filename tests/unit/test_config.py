@@ -214,7 +214,7 @@ def test_override_values_are_yaml(tmp_path):
     assert config.seed == 7
     assert config.sft.trainer == {"max_steps": 5, "bf16": False}
     assert config.tracking.report_to == ["wandb", "tensorboard"]
-    assert config.model.chat_template == ""
+    assert config.model.chat_template is None  # `--set key=` unsets, like `key:` in YAML
 
 
 def test_override_replaces_file_value(tmp_path):

@@ -1,12 +1,10 @@
 """ApiJudge against a real HTTP server on 127.0.0.1: the retries, headers and errors are the ones urllib sees."""
 
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from judge_server import start_server, stop_server
 
 from pipeline.errors import ConfigError, PipelineError
 from reward.api_judge import ApiJudge, ApiJudgeConfig, parse_answer
@@ -16,49 +14,11 @@ KEY = "sk-test-9f8e7d6c5b4a-secret"
 PROMPT = [{"role": "user", "content": "Is honey good?"}]
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Plays `server.script` (failures, then normal answers); a normal answer picks the response saying "good",
-    or `server.always` when set (a judge that only looks at positions)."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        step = self.server.script.pop(0) if self.server.script else None
-        if step and step[0] == "sleep":
-            time.sleep(step[1])
-            return
-        if step:
-            status, headers, text = step
-            return self._send(status, text, headers)
-        question = body["messages"][-1]["content"]
-        shown_a = question.split("[Response A]\n", 1)[1].split("\n\n[Response B]", 1)[0]
-        answer = self.server.always or ("A" if "good" in shown_a else "B")
-        self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}))
-
-    def _send(self, status, text, headers=None):
-        data = text.encode()
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.script, httpd.requests, httpd.always = [], [], None
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    httpd = start_server()
     yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    stop_server(httpd)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,109 @@
+"""From `preferences.judge` in the config to a judge object, and to the label file that judge's labels live in.
+
+Labels are kept per judge at `<run>/labels/<judge id>.jsonl`, outside any stage directory: a stage that runs again
+(a new prompt file, more samples) moves its own directory to .history/, but a judge's labels stay where they are,
+so no pair a judge has labelled is ever put to it again. The id covers what changes a judge's verdicts (its type,
+model, rubric, label file...), not how it is run (batch size, retries), so swapping judges back and forth reuses
+each one's labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from pipeline.artifacts import hash_config, hash_path
+from pipeline.config import JUDGE_KEYS, STAGE_ORDER, JudgeConfig, RunConfig
+from pipeline.context import ModelSource
+from pipeline.errors import ConfigError
+from pipeline.models import resolve_model_path
+from reward.pairs import Label
+
+# Keys that say how a judge runs rather than what it decides: left out of its identity.
+_RUNTIME_KEYS = {"batch_size", "max_concurrency", "max_retries", "timeout", "api_key_env"}
+
+
+def rubric_text(judge: JudgeConfig) -> str | None:
+    """The rubric, or the principles written out as a numbered constitution."""
+    from reward.judges import constitution
+
+    return constitution(judge.principles) if judge.principles else judge.rubric
+
+
+def model_source(spec: str, config: RunConfig, run_dir: Path) -> ModelSource:
+    """A judge's model: a stage of this run (e.g. rm), a built-in name, a model directory or an adapter directory."""
+    if spec in STAGE_ORDER:
+        stage_dir = run_dir / spec
+        manifest_path = stage_dir / "stage.json"
+        if not manifest_path.exists() or json.loads(manifest_path.read_text()).get("status") != "completed":
+            raise ConfigError(f"the judge's model is the {spec} stage, which has not completed in {run_dir}")
+        return ModelSource.of_stage(stage_dir)
+    path = resolve_model_path(spec)
+    if (path / "adapter_config.json").exists():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return ModelSource(resolve_model_path(base), path, f"the adapter {path}")
+    return ModelSource(path, None, f"the model {path}")
+
+
+HUMAN = "human"  # one person (or team) labelling a run: `python -m pipeline label` writes these labels
+
+
+def human_labels_path(run_dir: Path) -> Path:
+    return run_dir / "labels" / f"{HUMAN}.jsonl"
+
+
+def judge_id(config: RunConfig, run_dir: Path) -> str:
+    judge = config.preferences.judge
+    if judge.type == "human":
+        return HUMAN
+    keys = {key: getattr(judge, key) for key in JUDGE_KEYS[judge.type] if key not in _RUNTIME_KEYS}
+    if judge.type == "human_file":
+        keys["content"] = hash_path(Path(judge.path))
+    if judge.type in ("llm", "reward_model"):
+        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        keys["model"] = [str(source.base), hash_path(source.adapter) if source.adapter else None]
+    return f"{judge.type}-{hash_config(keys)[:10]}"
+
+
+def labels_path(config: RunConfig, run_dir: Path) -> Path:
+    return run_dir / "labels" / f"{judge_id(config, run_dir)}.jsonl"
+
+
+def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: Callable[[Label], None] | None = None):
+    """The judge `judge` describes (not `human`, which the stage drives in the terminal). Judges that label pairs
+    one at a time as answers arrive (api, llm, reward_model) call `on_label` themselves; for the others the caller
+    stores each batch's labels."""
+    if judge.type == "human_file":
+        from reward.judges import HumanFileJudge
+
+        return HumanFileJudge(judge.path)
+    if judge.type == "rule":
+        from reward.judges import RuleJudge
+
+        return RuleJudge(judge.function)
+    if judge.type == "api":
+        from reward.api_judge import DEFAULT_RUBRIC, ApiJudge, ApiJudgeConfig
+
+        return ApiJudge(ApiJudgeConfig(
+            base_url=judge.base_url, model=judge.model, api_key_env=judge.api_key_env,
+            rubric=rubric_text(judge) or DEFAULT_RUBRIC, max_concurrency=judge.max_concurrency,
+            max_retries=judge.max_retries, timeout=judge.timeout,
+        ), on_label=on_label)
+    if judge.type == "llm":
+        from reward.llm_judge import LlmJudge
+
+        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        name = f"llm:{judge.model or config.model.name_or_path}"
+        return LlmJudge.from_path(source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
+                                  principles=judge.principles or None, batch_size=judge.batch_size,
+                                  max_length=judge.max_length, name=name, on_label=on_label)
+    if judge.type == "reward_model":
+        from reward.rm_judge import RewardModelJudge
+
+        source = model_source(judge.model, config, run_dir)
+        return RewardModelJudge.from_path(source.base, config.model, adapter=source.adapter,
+                                          batch_size=judge.batch_size, max_length=judge.max_length,
+                                          tie_margin=judge.tie_margin, name=f"reward_model:{judge.model}",
+                                          on_label=on_label)
+    raise ConfigError(f"judge type {judge.type} has no builder")

@@ -1,0 +1,120 @@
+"""A local causal LM as pairwise judge, read from its next-token probabilities rather than from sampled text.
+
+Each pair is asked twice, once in each order, with the same question the API judge asks (`judge_messages`). The
+answer is the model's probability of "A" against "B" as the first token of its reply: p(A) = softmax over those
+two logits alone. Nothing is sampled, so labels are deterministic and no reply is ever unreadable. Prompts are
+batched with left padding, so every prompt ends at the last position, where the reply's first token is predicted.
+A prompt longer than `max_length` leaves its pair unlabelled and counted, never truncated: a cut conversation
+would be judged on text it never had.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.log import warn
+from pipeline.models import load_policy, load_tokenizer
+from pipeline.render import prompt_ids
+from reward.judges import DEFAULT_RUBRIC, combine_both_orders, constitution, judge_messages
+from reward.pairs import Label, Pair
+
+
+def label_token(tokenizer, letter: str) -> int:
+    """The id of the one token that spells `letter`; a judge reading two logits cannot use a letter split in two."""
+    ids = tokenizer(letter, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ConfigError(f"the judge's tokenizer writes {letter!r} as {len(ids)} tokens {ids}, so its answer cannot "
+                          "be read from one next-token probability; use a judge model whose tokenizer has a "
+                          f"single token for {letter!r}")
+    return ids[0]
+
+
+class LlmJudge:
+    """`model` is a loaded causal LM (see `from_path`); `principles`, when given, replace `rubric` as a numbered
+    constitution. `on_label`, if given, is called with each label as soon as both orders of its pair are read."""
+
+    def __init__(self, model, tokenizer, rubric: str | None = None, principles: list[str] | None = None,
+                 batch_size: int = 8, max_length: int = 1024, name: str = "llm",
+                 on_label: Callable[[Label], None] | None = None):
+        if batch_size < 1 or max_length < 1:
+            raise ConfigError(f"the llm judge needs batch_size ≥ 1 and max_length ≥ 1, got {batch_size} and "
+                              f"{max_length}")
+        self.model, self.tokenizer = model, tokenizer
+        self.rubric = constitution(principles) if principles else rubric or DEFAULT_RUBRIC
+        self.batch_size, self.max_length, self.name, self.on_label = batch_size, max_length, name, on_label
+        self.answer_ids = [label_token(tokenizer, "A"), label_token(tokenizer, "B")]
+        self.too_long = 0
+        """Pairs left unlabelled because a prompt was over max_length, over this judge's lifetime."""
+
+    @classmethod
+    def from_path(cls, path: Path, model_cfg: ModelConfig, adapter: Path | None = None, **options) -> LlmJudge:
+        """The judge with the model at `path` (and `adapter` merged in); `options` go to the constructor."""
+        tokenizer = load_tokenizer(model_cfg, path)
+        return cls(load_policy(path, adapter, model_cfg, tokenizer), tokenizer, **options)
+
+    def prompt(self, pair: Pair, first: str, second: str) -> list[int]:
+        """Token ids of the question with `first` shown as Response A, up to where the judge's reply begins."""
+        return prompt_ids(self.tokenizer, judge_messages(pair, first, second, self.rubric))
+
+    def p_first(self, prompts: list[list[int]]) -> list[float]:
+        """p("A") against "B" as the first reply token, for each prompt, in one forward pass."""
+        width = max(len(ids) for ids in prompts)
+        device = next(self.model.parameters()).device
+        # The pad id is never read: padded positions are masked out of attention.
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        # Positions count from each prompt's own first token, as if it were alone: otherwise a left-padded prompt
+        # starts at position `padding`, which changes what a model with absolute positions sees.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            # Only the last position's logits: the full batch × length × vocabulary tensor can run to gigabytes.
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+        return torch.softmax(logits[:, self.answer_ids].float(), dim=-1)[:, 0].tolist()
+
+    def judge(self, pairs: list[Pair]) -> list[Label]:
+        jobs = []  # (pair index, order, prompt ids); both orders of a pair are adjacent, so mostly in one batch
+        too_long = []
+        for index, pair in enumerate(pairs):
+            ab = self.prompt(pair, pair.response_a, pair.response_b)
+            ba = self.prompt(pair, pair.response_b, pair.response_a)
+            if max(len(ab), len(ba)) > self.max_length:
+                too_long.append(pair)
+                continue
+            jobs += [(index, "ab", ab), (index, "ba", ba)]
+        if too_long:
+            self.too_long += len(too_long)
+            warn(f"{self.name}: {len(too_long)} pairs (the first from {too_long[0].source}) make a judge prompt "
+                 f"longer than max_length={self.max_length} tokens; they stay unlabelled (raise "
+                 "preferences.judge.max_length to judge them)")
+        p_a: dict[int, dict[str, float]] = {}
+        labels = []
+        for start in range(0, len(jobs), self.batch_size):
+            batch = jobs[start:start + self.batch_size]
+            for (index, order, _), p in zip(batch, self.p_first([ids for _, _, ids in batch])):
+                p_a.setdefault(index, {})[order] = p
+                if len(p_a[index]) == 2:
+                    labels.append(self._label(pairs[index], p_a[index]["ab"], p_a[index]["ba"]))
+                    if self.on_label:
+                        self.on_label(labels[-1])
+        return labels
+
+    def _label(self, pair: Pair, p_a_first: float, p_a_swapped: float) -> Label:
+        """`p_a_first` is p("A") with response_a shown as A; `p_a_swapped` p("A") with response_b shown as A."""
+        def verdict(p: float) -> str:
+            return "A" if p > 0.5 else "B" if p < 0.5 else "TIE"
+
+        winner, verdicts = combine_both_orders(verdict(p_a_first), verdict(p_a_swapped))
+        # The probability each order gave the winner, averaged; a tie is the judge having no preference.
+        confidence = {"a": (p_a_first + 1 - p_a_swapped) / 2, "b": (1 - p_a_first + p_a_swapped) / 2,
+                      "tie": 0.5}[winner]
+        verdicts.update(p_a_first=p_a_first, p_a_swapped=p_a_swapped)
+        return Label(pair.id, winner, self.name, confidence, verdicts)

@@ -1,0 +1,141 @@
+"""After dpo or ppo: the new policy against the one it started from, on held-out prompts (`evaluation:`).
+
+1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py).
+2. Win rate: the configured judge (default: this run's reward model) compares each new response with the starting
+   policy's response to the same prompt; a tie counts half.
+3. KL to the start: the mean over the new policy's own responses of sum_t log pi_new(y_t) - log pi_start(y_t), a
+   Monte-Carlo estimate of KL(pi_new || pi_start) per response.
+4. A held-out measure never trained on (`evaluation.measure`, e.g. how often answers are specific), before and after.
+
+With an adapter, both policies are one model: the starting policy is the base with the adapter switched off, which
+is exactly what dpo and ppo were trained against. Samples go to <stage>/eval_samples.jsonl for reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import SamplingConfig
+from pipeline.context import StageContext
+from pipeline.log import log
+from pipeline.render import prompt_ids, response_ids
+from reward.pairs import Pair
+
+
+@torch.inference_mode()
+def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: list[str],
+                      batch_size: int = 8) -> list[float]:
+    """sum_t log p(response token t | prompt, earlier tokens) for each (prompt, response), end-of-turn included."""
+    totals = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+            context = prompt_ids(tokenizer, prompt)
+            full = response_ids(tokenizer, prompt, response)
+            rows.append((full, len(context)))
+        width = max(len(full) for full, _ in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (full, _) in enumerate(rows):
+            input_ids[i, :len(full)] = torch.tensor(full)
+            attention[i, :len(full)] = 1
+        device = next(model.parameters()).device
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0]
+        for i, (full, context) in enumerate(rows):
+            # Position j predicts token j + 1: the response tokens are context .. len(full) - 1.
+            totals.append(logprobs[i, context - 1:len(full) - 1].sum().item())
+    return totals
+
+
+def _sample(model, tokenizer, prompts, ctx: StageContext, name: str) -> list[str]:
+    from stages.generate import sample_responses
+
+    evaluation = ctx.config.evaluation
+    sampling = SamplingConfig(num_responses=1, max_new_tokens=evaluation.max_new_tokens,
+                              temperature=evaluation.temperature, batch_size=evaluation.batch_size)
+    samples = sample_responses(model, tokenizer, prompts, sampling, ctx.config.seed,
+                               ctx.stage_dir / f"eval_{name}_samples.progress.jsonl")
+    return [responses[0] for responses in samples.responses]
+
+
+def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) -> dict:
+    """Metrics of `model` against the starting policy: `start_model`, or `model` with its adapter switched off."""
+    from reward.build import build_judge
+    from reward.importers import load_prompts
+    from reward.judges import load_callable
+
+    evaluation = ctx.config.evaluation
+    if not evaluation.prompts:
+        return {}
+    loaded = load_prompts(evaluation.prompts)[: evaluation.max_prompts]
+    prompts = [messages for messages, _ in loaded]
+    model.eval()
+
+    def as_start():
+        return contextlib.nullcontext(start_model) if start_model is not None else _adapter_off(model)
+
+    # 1. Responses from both policies.
+    log(f"{ctx.name}: evaluating on {len(prompts)} held-out prompts from {evaluation.prompts}")
+    new = _sample(model, tokenizer, prompts, ctx, "policy")
+    with as_start() as start:
+        old = _sample(start, tokenizer, prompts, ctx, "start")
+        # 3. KL(new || start), estimated on the new policy's own responses.
+        start_logp = response_logprobs(start, tokenizer, prompts, new, evaluation.batch_size)
+    new_logp = response_logprobs(model, tokenizer, prompts, new, evaluation.batch_size)
+    kl = sum(n - s for n, s in zip(new_logp, start_logp)) / len(prompts)
+
+    # 2. Win rate of the new response (shown as a) over the starting policy's (b).
+    judge = build_judge(evaluation.judge, ctx.config, ctx.run_dir)
+    pairs = [Pair.create(p, a, b, source) for p, a, b, (_, source) in zip(prompts, new, old, loaded)]
+    labels = {label.pair_id: label.winner for label in judge.judge(pairs)}
+    winners = [labels.get(pair.id) for pair in pairs]
+    wins, ties, losses = winners.count("a"), winners.count("tie"), winners.count("b")
+    judged = wins + ties + losses
+    metrics = {
+        "eval/win_rate": (wins + ties / 2) / judged if judged else None,
+        "eval/wins": wins, "eval/ties": ties, "eval/losses": losses, "eval/unjudged": len(pairs) - judged,
+        "eval/kl_to_start": kl,
+        "eval/response_words_before": sum(len(r.split()) for r in old) / len(old),
+        "eval/response_words_after": sum(len(r.split()) for r in new) / len(new),
+    }
+    # 4. The held-out measure.
+    scores_old = scores_new = [None] * len(prompts)
+    if evaluation.measure:
+        measure = load_callable(evaluation.measure)
+        scores_old = [float(measure(p, r)) for p, r in zip(prompts, old)]
+        scores_new = [float(measure(p, r)) for p, r in zip(prompts, new)]
+        metrics["eval/measure_before"] = sum(scores_old) / len(prompts)
+        metrics["eval/measure_after"] = sum(scores_new) / len(prompts)
+    _write_samples(ctx.stage_dir / "eval_samples.jsonl", prompts, old, new, winners, scores_old, scores_new)
+    log(f"{ctx.name}: win rate over the starting policy {_pct(metrics['eval/win_rate'])} "
+        f"({wins} wins, {ties} ties, {losses} losses, judge {judge.name}); KL to it {kl:.3f} nats per response"
+        + (f"; {evaluation.measure} {metrics['eval/measure_before']:.3f} → {metrics['eval/measure_after']:.3f}"
+           if evaluation.measure else ""))
+    return metrics
+
+
+def _adapter_off(model):
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("a policy without an adapter needs its starting model passed as start_model")
+
+    @contextlib.contextmanager
+    def off():
+        with model.disable_adapter():
+            yield model
+    return off()
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _write_samples(path: Path, prompts, old, new, winners, scores_old, scores_new) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for prompt, before, after, winner, s_old, s_new in zip(prompts, old, new, winners, scores_old, scores_new):
+            f.write(json.dumps({"prompt": prompt[-1]["content"], "start": before, "policy": after, "winner": winner,
+                                "measure_start": s_old, "measure_policy": s_new}, ensure_ascii=False) + "\n")

@@ -1,0 +1,116 @@
+"""Stage ppo: the policy learns from a reward with PPO, held near where it started by a per-token KL penalty.
+
+TRL has no PPO trainer any more, so this one is ours, in four small modules:
+- losses.py:  the mathematics (GAE, whitening, clipped policy and value losses, KL penalty and controllers);
+- model.py:   actor, critic and reference on ONE copy of the weights: the starting policy (base + sft adapter) is
+              merged and saved at <stage>/base; on it sit an "actor" LoRA adapter, a "critic" LoRA adapter with a
+              value head, and the reference is the same base with the adapters off;
+- rollout.py: batched sampling with the KV cache, then the log-probabilities, reference log-probabilities and values;
+- trainer.py: the loop (steps numbered in comments), checkpoints that resume exactly, metrics and sample tables.
+
+The reward is `ppo.reward`: a reward model (the rm stage of this run, or a directory) scored on exactly the text
+the rm stage trained on, or a rule, a Python function (prompt messages, response text) -> float.
+
+Layout: final/ (the actor adapter, loads with PeftModel.from_pretrained on stage.json's base_model), critic/ (the
+critic adapter + value_head.safetensors), base/ (the merged starting weights, when the start was an adapter),
+checkpoints/, metrics.jsonl, samples.jsonl.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.context import StageContext
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.log import log
+
+NAME = "ppo"
+
+
+def uses_model(config: RunConfig) -> bool:
+    return True
+
+
+def data_files(config: RunConfig) -> dict:
+    data = config.ppo.data
+    return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
+
+
+def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(training prompts, held-out prompts) as message lists ending with the user's turn."""
+    from reward.importers import load_prompts
+    from stages.lm import split_eval
+
+    data = config.ppo.data
+    prompts = [messages for messages, _ in load_prompts(data.train)]
+    if data.eval:
+        return prompts, [messages for messages, _ in load_prompts(data.eval)]
+    return split_eval(prompts, data.eval_split, config.seed)
+
+
+def check(config: RunConfig) -> str:
+    from reward.judges import load_callable
+    from stages.ppo.model import lora_config
+
+    lora_config(config)
+    train, held_out = load(config)
+    reward = config.ppo.reward
+    if reward.type == "rule":
+        load_callable(reward.function)
+    elif reward.model in STAGE_ORDER and reward.model != "rm":
+        raise ConfigError(f"ppo.reward.model '{reward.model}': of this run's stages only rm makes a reward model")
+    elif reward.model != "rm" and not any((Path(reward.model) / name).exists()
+                                          for name in ("config.json", "adapter_config.json")):
+        raise ConfigError(f"ppo.reward.model '{reward.model}' is neither rm (this run's rm stage) nor a reward "
+                          "model or adapter directory")
+    return f"{len(train)} prompts ({len(held_out)} held out), reward from {reward.type} " \
+           f"{reward.function if reward.type == 'rule' else reward.model}"
+
+
+def reward_function(ctx: StageContext, prompt_tokens: int):
+    """(prompt messages, responses) -> scores, from ppo.reward. `prompt_tokens`, the longest prompt, sizes the
+    reward model's length limit so that no rollout is ever too long to score."""
+    reward = ctx.config.ppo.reward
+    if reward.type == "rule":
+        from reward.judges import load_callable
+
+        rule = load_callable(reward.function)
+        return lambda prompts, responses: [float(rule(p, r)) for p, r in zip(prompts, responses)]
+    from pipeline.artifacts import read_manifest
+    from reward.build import model_source
+    from reward.rm_judge import RewardModelJudge
+
+    if reward.model == "rm" and (read_manifest(ctx.run_dir / "rm") or {}).get("status") != "completed":
+        raise PipelineError(f"ppo.reward.model is rm, but the rm stage has not completed in {ctx.run_dir}: run it "
+                            "first (--stage rm), or point ppo.reward.model at a reward model directory")
+    source = model_source(reward.model, ctx.config, ctx.run_dir)
+    log(f"{NAME}: rewards from {source.description}")
+    cfg = ctx.config.ppo.trainer
+    # The template's closing tokens are a handful; 64 leaves room for any chat template's.
+    judge = RewardModelJudge.from_path(source.base, ctx.config.model, adapter=source.adapter,
+                                       batch_size=cfg.mini_batch_size,
+                                       max_length=prompt_tokens + cfg.max_new_tokens + 64)
+    return judge.score
+
+
+def run(ctx: StageContext) -> dict:
+    from pipeline.models import load_policy, load_tokenizer
+    from pipeline.render import prompt_ids
+    from stages import lm
+    from stages.ppo.trainer import train
+
+    prompts, eval_prompts = load(ctx.config)
+    tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
+    longest = max(len(prompt_ids(tokenizer, p)) for p in prompts + eval_prompts)
+    reward_fn = reward_function(ctx, longest)
+    base_dir = ctx.init.base
+    if ctx.init.adapter is not None:
+        # The reference is the base with the adapters off, so the starting policy must be in the base weights.
+        merged = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
+        base_dir = lm.save_merged_base(ctx, merged, tokenizer)
+        del merged
+    metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts),
+               **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn)}
+    ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
+    return metrics

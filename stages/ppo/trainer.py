@@ -1,0 +1,272 @@
+"""The PPO loop (Ziegler et al. 2019; Ouyang et al. 2022), one iteration per step, each step numbered below.
+
+Resume is exact: everything an iteration depends on is either restored from the checkpoint (adapters, value head,
+optimiser, KL coefficient, step: accelerate's save_state with `Progress` registered) or a function of the step
+alone (the prompts of step n, the sampling seed seed + n, the mini-batch order), so a run killed and resumed ends
+with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from pipeline.artifacts import COMPLETE_MARKER
+from pipeline.context import StageContext
+from pipeline.log import log
+from stages import lm
+from stages.ppo import losses
+from stages.ppo.model import (
+    ACTOR,
+    ActorCritic,
+    build,
+    register_checkpoint_hooks,
+    save_adapter,
+    save_critic,
+)
+from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
+
+SAMPLES_PER_TABLE = 16  # rows of the (prompt, response, reward) table written every sample_every steps
+
+
+class Progress:
+    """What the loop itself must carry across a resume: the steps done and the KL controller."""
+
+    def __init__(self, kl_controller):
+        self.step, self.kl_controller = 0, kl_controller
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "kl_controller": self.kl_controller.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+
+
+def prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int, world: int = 1, rank: int = 0) -> list[int]:
+    """The prompts of iteration `step` on process `rank`. The prompts are walked in an order reshuffled every epoch
+    (seeded by seed + epoch), so where the run is in the data follows from the step alone."""
+    start = (step * world + rank) * batch_size
+    return [_epoch_order(n_prompts, seed + pos // n_prompts)[pos % n_prompts] for pos in range(start, start + batch_size)]
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_prompts: int, seed: int) -> list[int]:
+    return torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns, cfg, generator) -> dict:
+    """num_ppo_epochs passes over the rollout in shuffled mini-batches; returns the mean of each statistic."""
+    stats = defaultdict(list)
+    length = batch.responses.shape[1]
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(len(batch.texts), generator=generator)
+        for first in range(0, len(order), cfg.mini_batch_size):
+            rows = order[first:first + cfg.mini_batch_size]
+            mask = batch.mask[rows]
+            logits, values = module(*batch.inputs(rows), length, "actor_critic")
+            logits = logits / cfg.temperature
+            logprobs = losses.logprobs_from_logits(logits, batch.responses[rows])
+            policy = losses.policy_loss(logprobs, batch.logprobs[rows], advantages[rows], mask, cfg.cliprange)
+            value_loss, value_clip = losses.value_loss(values, batch.values[rows], returns[rows], mask,
+                                                       cfg.cliprange_value)
+            accelerator.backward(policy.loss + cfg.vf_coef * value_loss)
+            accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                entropy = losses.masked_mean(losses.entropy_from_logits(logits.float()), mask)
+            for key, value in (("policy_loss", policy.loss), ("value_loss", value_loss), ("entropy", entropy),
+                               ("clip_fraction", policy.clip_fraction), ("approx_kl", policy.approx_kl),
+                               ("value_clip_fraction", value_clip)):
+                stats[key].append(value.item())
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def setup(ctx: StageContext, base_dir: Path, tokenizer):
+    """(accelerator, prepared module, optimiser, progress), restored from ctx.resume_from when there is one."""
+    from accelerate import Accelerator
+
+    cfg = ctx.config.ppo.trainer
+    module = build(ctx.config, base_dir, tokenizer)
+    optimizer = torch.optim.AdamW(module.trainable_parameters, lr=cfg.learning_rate)
+    accelerator = Accelerator(log_with=_trackers(ctx) or None)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    register_checkpoint_hooks(accelerator, accelerator.unwrap_model(module))
+    kl_controller = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
+                     else losses.FixedKLController(cfg.kl_coef))
+    progress = Progress(kl_controller)
+    accelerator.register_for_checkpointing(progress)
+    if ctx.resume_from is not None:
+        log(f"{ctx.name}: resuming from {ctx.resume_from}")
+        accelerator.load_state(str(ctx.resume_from))
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
+    return accelerator, module, optimizer, progress
+
+
+def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_dir: Path,
+          reward_fn: RewardFunction) -> dict:
+    config, cfg = ctx.config, ctx.config.ppo.trainer
+    accelerator, module, optimizer, progress = setup(ctx, base_dir, tokenizer)
+    actor = accelerator.unwrap_model(module)  # sampling and saving use the plain module
+    metrics = {}
+    if ctx.resume_from is None and eval_prompts:
+        ctx.record({"eval/score_mean_before": evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
+    if accelerator.log_with:
+        accelerator.init_trackers(config.tracking.project, init_kwargs={"wandb": _wandb_run(config)})
+    log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
+        f"reference = {ctx.init.description}")
+    generator = torch.Generator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    last = _last_record(ctx.stage_dir / "metrics.jsonl")
+    for step in range(progress.step, cfg.max_steps):
+        started = time.perf_counter()
+        seed = config.seed + step * world + rank
+        generator.manual_seed(seed)
+        kl_coef = progress.kl_controller.value
+        # 1. Rollout: sample one response per prompt; measure it with the actor, the reference and the critic.
+        rows = prompt_indices(len(prompts), step, cfg.rollout_batch_size, config.seed, world, rank)
+        batch = rollout(actor, tokenizer, [prompts[i] for i in rows], cfg, seed)
+        # 2. Score the decoded responses; a response cut off at max_new_tokens pays missing_eos_penalty.
+        raw_scores, scores = score(batch, reward_fn, cfg.missing_eos_penalty)
+        # 3. KL-penalised rewards: -kl_coef * (log pi - log pi_ref) per token, the score on the last token.
+        kl = losses.kl_penalty(batch.logprobs, batch.ref_logprobs, batch.mask)
+        rewards = losses.per_token_rewards(scores, kl, kl_coef, batch.mask)
+        # 4. Advantages by GAE, whitened over the batch's tokens.
+        advantages, returns = losses.gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = losses.masked_whiten(advantages, batch.mask)
+        # 5. num_ppo_epochs over shuffled mini-batches: clipped policy + clipped value loss, clip grads, step.
+        train_stats = optimise(accelerator, module, optimizer, batch, advantages, returns, cfg, generator)
+        # 6. KL controller: move the coefficient toward the target KL (a fixed controller stays put).
+        per_sample = accelerator.gather(torch.stack([
+            rewards.sum(1), raw_scores, kl.sum(1), batch.mask.sum(1), (~batch.has_eos).float()]).T)
+        progress.kl_controller.update(per_sample[:, 2].mean().item(), len(per_sample))
+        progress.step = step + 1
+        # 7. Metrics and sample tables (the main process writes what every process measured).
+        last = {
+            "ppo/reward_mean": per_sample[:, 0].mean().item(), "ppo/reward_std": per_sample[:, 0].std().item(),
+            "ppo/score_mean": per_sample[:, 1].mean().item(), "ppo/kl": per_sample[:, 2].mean().item(),
+            "ppo/kl_coef": kl_coef,
+            **{f"ppo/{k}": accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+               for k, v in train_stats.items()},
+            "ppo/response_length": per_sample[:, 3].mean().item(),
+            "ppo/missing_eos_fraction": per_sample[:, 4].mean().item(),
+            "ppo/tokens_per_s": per_sample[:, 3].sum().item() / (time.perf_counter() - started),
+        }
+        if accelerator.is_main_process:
+            _report(ctx, accelerator, progress.step, last, batch, raw_scores, rewards.sum(1))
+        # 8. Checkpoint: a complete one is the only kind a resume will ever pick.
+        if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
+            _checkpoint(accelerator, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
+
+    if eval_prompts:
+        metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
+    if accelerator.is_main_process:
+        lm.save_atomic(lambda out: (save_adapter(actor, ACTOR, out), tokenizer.save_pretrained(out)), ctx.final_dir)
+        lm.save_atomic(lambda out: save_critic(actor, out), ctx.stage_dir / "critic")
+    if config.evaluation.prompts:
+        from stages.evaluate import compare_with_start
+
+        actor.use(ACTOR)  # the policy; with the adapters off, the same model is the starting policy
+        metrics.update(compare_with_start(ctx, actor.peft_model, tokenizer))
+    accelerator.end_training()
+    return {**metrics, **{k: last[k] for k in ("ppo/reward_mean", "ppo/score_mean", "ppo/kl") if k in last},
+            "train/steps": progress.step}
+
+
+def _report(ctx: StageContext, accelerator, step: int, metrics: dict, batch: Rollout, raw_scores, rewards) -> None:
+    """metrics.jsonl (and the trackers) every logging_steps, a sample table every sample_every steps."""
+    cfg = ctx.config.ppo.trainer
+    if step == 1:
+        ctx.record({"ppo/reward_mean_first": metrics["ppo/reward_mean"]})
+    if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+        _append(ctx.stage_dir / "metrics.jsonl", {"step": step, **metrics})
+        accelerator.log(metrics, step=step)
+        log(f"{ctx.name} step {step}/{cfg.max_steps}: reward {metrics['ppo/reward_mean']:.3f} "
+            f"kl {metrics['ppo/kl']:.3f} response length {metrics['ppo/response_length']:.1f}", markup=False)
+    if step % cfg.sample_every == 0 or step == cfg.max_steps:
+        rows = [{"prompt": prompt, "response": text, "score": float(s), "reward": float(r)}
+                for prompt, text, s, r in zip(batch.prompts, batch.texts, raw_scores, rewards)][:SAMPLES_PER_TABLE]
+        _append(ctx.stage_dir / "samples.jsonl", {"step": step, "samples": rows})
+        if "wandb" in ctx.config.tracking.report_to:
+            table = [[r["prompt"][-1]["content"], r["response"], r["score"], r["reward"]] for r in rows]
+            accelerator.get_tracker("wandb").log_table("ppo/samples", ["prompt", "response", "score", "reward"],
+                                                       table, step=step)
+
+
+@torch.no_grad()
+def evaluate(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
+    """Mean score of responses sampled (with a fixed seed, as in training) for the held-out prompts."""
+    total = 0.0
+    for first in range(0, len(prompts), cfg.rollout_batch_size):
+        chunk = prompts[first:first + cfg.rollout_batch_size]
+        total += sum(reward_fn(chunk, sample(module, tokenizer, chunk, cfg, seed + first)["texts"]))
+    return total / len(prompts)
+
+
+def _checkpoint(accelerator, path: Path) -> None:
+    """Save to a temporary name, rename, then write the COMPLETE marker: a kill at any point leaves either no
+    checkpoint-N or a whole one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(staging, path)
+        (path / COMPLETE_MARKER).write_text(f"{path.name}\n")
+    accelerator.wait_for_everyone()
+
+
+def _trackers(ctx: StageContext) -> list:
+    """accelerate's trackers for tracking.report_to; TensorBoard writes to <stage>/tensorboard like the other stages."""
+    from accelerate.tracking import TensorBoardTracker
+
+    report_to = ctx.config.tracking.report_to
+    trackers = ["wandb"] if "wandb" in report_to else []
+    if "tensorboard" in report_to:
+        trackers.append(TensorBoardTracker("tensorboard", ctx.stage_dir))
+    return trackers
+
+
+def _wandb_run(config) -> dict:
+    """The stage's W&B run, named explicitly: wandb reads its environment once per process, so a stage that runs
+    after another in the same process would otherwise log into the earlier stage's run."""
+    env = os.environ
+    return {"id": env["WANDB_RUN_ID"], "name": env["WANDB_NAME"], "group": env["WANDB_RUN_GROUP"],
+            "job_type": env["WANDB_JOB_TYPE"], "dir": env["WANDB_DIR"], "resume": "allow", "config": config.to_dict()}
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+
+def _last_record(path: Path) -> dict:
+    """The newest metrics record, so a run resumed after its last iteration still reports where it ended."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Keep the records of steps up to `step`: the ones after it are repeated by the resumed run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from the kill
+    path.write_text("".join(kept), encoding="utf-8")

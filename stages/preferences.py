@@ -1,0 +1,205 @@
+"""Stage preferences: pairs of responses, labelled by the configured judge, become chosen/rejected rows.
+
+1. Pairs: ready-made ones from `preferences.pairs`, and/or `sampling.num_responses` responses sampled from the
+   policy for every prompt in `preferences.prompts` (every two responses of a prompt make a pair).
+2. Labels: the judge sees only pairs it has not labelled yet; each label is on disk as soon as it is given
+   (`<run>/labels/<judge id>.jsonl`, see reward.build), so a crash or a quit loses none and asks none twice.
+   A person (`judge.type: human`) labels in the terminal; without one, the stage stops and says how to label.
+3. Output: final/preferences.jsonl for rm and dpo; ties and unlabelled pairs are counted, never dropped silently;
+   with `compare_with`, how far the judge agrees with those (human) labels.
+
+Layout: pairs.jsonl (what is judged), samples.jsonl (sampling progress), final/{preferences,agreement}.jsonl|json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import RunConfig, unused_judge_keys
+from pipeline.context import StageContext
+from pipeline.errors import PipelineError
+from pipeline.log import console, log, warn
+from reward.pairs import LabelStore, Pair, preference_rows, write_pairs, write_preferences
+
+NAME = "preferences"
+
+
+class AwaitingLabels(PipelineError):
+    """Pairs are waiting for a person; the stage is neither failed nor done."""
+
+    status = "awaiting_labels"
+
+
+def uses_model(config: RunConfig) -> bool:
+    return bool(config.preferences.prompts)  # a policy is needed only to sample responses
+
+
+def data_files(config: RunConfig) -> dict:
+    prefs = config.preferences
+    files = {"prompts": prefs.prompts, "pairs": prefs.pairs, "compare_with": prefs.compare_with}
+    if prefs.judge.type == "human_file":
+        files["judge"] = prefs.judge.path
+    return {key: path for key, path in files.items() if path}
+
+
+def check(config: RunConfig) -> str:
+    """Parse every input file and set the judge up as far as it can be without loading a model."""
+    from reward.importers import load_pairs, load_prompts
+    from reward.judges import HumanFileJudge, load_callable
+
+    prefs = config.preferences
+    prompts = load_prompts(prefs.prompts)[: prefs.max_prompts] if prefs.prompts else []
+    pairs = load_pairs(prefs.pairs) if prefs.pairs else []
+    judge = prefs.judge
+    unused = unused_judge_keys(judge)
+    if unused:
+        warn(f"preferences.judge: {', '.join(unused)} set but not used by judge type {judge.type}")
+    if judge.type == "human_file":
+        HumanFileJudge(judge.path)
+    elif judge.type == "rule":
+        load_callable(judge.function)
+    elif judge.type == "api":
+        from reward.build import build_judge
+
+        build_judge(judge, config, Path("."))  # fails now if the key's variable is unset
+    if prefs.compare_with:
+        HumanFileJudge(prefs.compare_with)
+    return (f"{len(prompts)} prompts x {prefs.sampling.num_responses} samples, {len(pairs)} ready-made pairs, "
+            f"judge {judge.type}")
+
+
+def _sampled_pairs(ctx: StageContext, prompts: list[tuple[list[dict], str]]) -> tuple[list[Pair], dict]:
+    from pipeline.models import load_policy, load_tokenizer
+    from stages.generate import sample_responses
+
+    config = ctx.config
+    tokenizer = load_tokenizer(config.model, ctx.init.base)
+    log(f"{NAME}: sampling {config.preferences.sampling.num_responses} responses for each of {len(prompts)} "
+        f"prompts from {ctx.init.description}")
+    model = load_policy(ctx.init.base, ctx.init.adapter, config.model, tokenizer)
+    samples = sample_responses(model, tokenizer, [p for p, _ in prompts], config.preferences.sampling,
+                               config.seed, ctx.stage_dir / "samples.jsonl")
+    pairs, identical = [], 0
+    for (prompt, source), responses in zip(prompts, samples.responses):
+        for a, b in itertools.combinations(responses, 2):
+            if a == b:
+                identical += 1  # nothing to prefer
+                continue
+            pairs.append(Pair.create(prompt, a, b, source))
+    return pairs, {"preferences/sampled_responses": sum(map(len, samples.responses)),
+                   "preferences/truncated_responses": samples.truncated,
+                   "preferences/identical_pairs_skipped": identical}
+
+
+def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
+    """Put every unlabelled pair to the judge, storing each label as it is given."""
+    from rich.progress import Progress
+
+    from reward.build import build_judge
+
+    judge_cfg = ctx.config.preferences.judge
+    todo = [pair for pair in pairs if not store.is_labelled(pair.id)]
+    log(f"{NAME}: {len(pairs)} pairs, {len(pairs) - len(todo)} already labelled by this judge, {len(todo)} to label")
+    if not todo:
+        return
+    if judge_cfg.type == "human":
+        _label_by_person(ctx, pairs, len(todo), store)
+        return
+
+    def on_label(label):
+        if not store.is_labelled(label.pair_id):
+            store.add(label)
+
+    judge = build_judge(judge_cfg, ctx.config, ctx.run_dir, on_label)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"judging ({judge.name})", total=len(todo))
+        for start in range(0, len(todo), judge_cfg.batch_size):
+            batch = todo[start:start + judge_cfg.batch_size]
+            for label in judge.judge(batch):
+                on_label(label)
+            bar.advance(task, len(batch))
+
+
+def _label_by_person(ctx: StageContext, pairs: list[Pair], todo: int, store: LabelStore) -> None:
+    resume = f"python -m pipeline label --run-dir {ctx.run_dir}"
+    if not sys.stdin.isatty():
+        raise AwaitingLabels(f"{todo} pairs wait for a person's labels: run `{resume}`, then run the "
+                             "pipeline again (or set preferences.judge.type to an AI judge)")
+    from reward.interactive import label_interactively
+
+    session = label_interactively(pairs, store)  # shows only the unlabelled ones, counting against them all
+    if session.remaining:
+        raise AwaitingLabels(f"{session.remaining} pairs still wait for labels; continue with `{resume}` "
+                             "or run the pipeline again")
+
+
+def _agreement(ctx: StageContext, pairs: list[Pair], labels: list) -> dict:
+    from reward.agreement import agreement
+    from reward.judges import HumanFileJudge
+
+    reference = HumanFileJudge(ctx.config.preferences.compare_with).judge(pairs)
+    if not reference:
+        warn(f"{NAME}: compare_with labels none of these pairs; no agreement to report")
+        return {}
+    result = agreement(labels, reference)
+    write_json_atomic(ctx.final_dir / "agreement.json", result.to_dict())
+    log(f"{NAME}: agreement with {ctx.config.preferences.compare_with} on {result.pairs} pairs: "
+        f"{result.raw:.1%} (Cohen's kappa {result.kappa if result.kappa is None else round(result.kappa, 3)})")
+    return {"agreement/pairs": result.pairs, "agreement/raw": result.raw, "agreement/kappa": result.kappa,
+            "agreement/reference_tie_rate": result.tie_rates[1]}
+
+
+def run(ctx: StageContext) -> dict:
+    from reward.build import labels_path
+    from reward.importers import load_pairs, load_prompts
+
+    prefs = ctx.config.preferences
+    metrics = {}
+    # 1. The pairs to judge.
+    pairs = load_pairs(prefs.pairs) if prefs.pairs else []
+    if prefs.prompts:
+        prompts = load_prompts(prefs.prompts)[: prefs.max_prompts]
+        sampled, sample_metrics = _sampled_pairs(ctx, prompts)
+        pairs += sampled
+        metrics.update(sample_metrics)
+    unique = list({pair.id: pair for pair in pairs}.values())
+    if len(unique) < len(pairs):
+        warn(f"{NAME}: {len(pairs) - len(unique)} pairs appear twice; each is judged once")
+    pairs = unique
+    if not pairs:
+        raise PipelineError(f"{NAME}: there are no pairs to judge")
+    write_pairs(ctx.stage_dir / "pairs.jsonl", pairs)
+
+    # 2. Labels, kept per judge across re-runs.
+    with LabelStore(labels_path(ctx.config, ctx.run_dir)) as store:
+        ctx.record(labels_file=str(store.path))
+        _label(ctx, pairs, store)
+        labels = [store.get(pair.id) for pair in pairs if store.is_labelled(pair.id)]
+
+    # 3. Chosen/rejected rows, counts, agreement.
+    rows, counts = preference_rows(pairs, labels)
+    if counts.unlabelled:
+        warn(f"{NAME}: {counts.unlabelled} of {len(pairs)} pairs have no label (the judge could not decide); "
+             "they are left out of the preference data and asked again if the stage runs again")
+    if not rows:
+        warn(f"{NAME}: no pair got a winner ({counts.ties} ties, {counts.unlabelled} unlabelled): a judge that "
+             "answers by position ties on every pair; there is nothing for rm or dpo to train on")
+    ctx.final_dir.mkdir(parents=True, exist_ok=True)
+    write_preferences(ctx.final_dir / "preferences.jsonl", rows)
+    flips = [label for label in labels if "ab" in label.verdicts and "ba" in label.verdicts]
+    metrics.update({
+        "preferences/pairs": len(pairs), "preferences/labelled": len(labels), "preferences/rows": counts.rows,
+        "preferences/ties": counts.ties, "preferences/unlabelled": counts.unlabelled,
+        "preferences/tie_rate": counts.ties / len(labels) if labels else None,
+        "preferences/a_wins": sum(label.winner == "a" for label in labels) / len(labels) if labels else None,
+    })
+    if flips:
+        metrics["preferences/order_flip_rate"] = sum(l.verdicts["ab"] != l.verdicts["ba"] for l in flips) / len(flips)
+    if prefs.compare_with:
+        metrics.update(_agreement(ctx, pairs, labels))
+    log(f"{NAME}: {counts.rows} preference rows ({counts.ties} ties, {counts.unlabelled} unlabelled) in "
+        f"{ctx.final_dir / 'preferences.jsonl'}")
+    return metrics

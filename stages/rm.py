@@ -1,0 +1,177 @@
+"""Stage rm: a Bradley-Terry reward model trained with TRL's RewardTrainer on chosen/rejected pairs.
+
+The data is the preferences stage's output (or `rm.data.train`, any preference dataset reward.importers reads).
+The model starts from the policy (sft's result, merged into the weights when it is an adapter) with a one-output
+score head; with LoRA the head trains in full beside the adapter. Held-out pairs are split by prompt, so no prompt
+is both trained and tested on. Before and after training we score the held-out pairs ourselves: accuracy, mean
+margin and a calibration table (does "the model is 80% sure" come true 80% of the time?).
+
+The result (final/) loads as a sequence-classification model, or the base + adapter recorded in stage.json; the
+reward_model judge and PPO score with `reward.rm_judge.RewardModelJudge.score`, on the same rendered text.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import RunConfig
+from pipeline.context import StageContext
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.log import log, warn
+from pipeline.render import response_ids
+from reward.pairs import PreferenceRow
+from stages import lm, preference_data
+
+NAME = "rm"
+CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def uses_model(config: RunConfig) -> bool:
+    return True
+
+
+def data_files(config: RunConfig) -> dict:
+    return lm.data_files(config, NAME)
+
+
+def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
+    return preference_data.load_pairs(config, NAME, data_from)
+
+
+def check(config: RunConfig) -> str:
+    from trl import RewardConfig
+
+    preference_data.check_format(config, NAME)
+    train, held_out = load(config)
+    lm.trainer_args(RewardConfig, NAME, config.rm.trainer, config.seed, output_dir="unused")
+    if not config.rm.data.train:
+        return "trains on the preferences stage's output"
+    return f"{len(train)} train / {len(held_out)} eval pairs"
+
+
+def tokenize(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list, list[dict], int]:
+    """(rows kept, their pre-tokenized chosen_ids/rejected_ids for TRL, how many pairs were over max_length)."""
+    kept, tokenized = [], []
+    for row in rows:
+        chosen = response_ids(tokenizer, row.prompt, row.chosen)
+        rejected = response_ids(tokenizer, row.prompt, row.rejected)
+        if max(len(chosen), len(rejected)) <= max_length:
+            kept.append(row)
+            tokenized.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    return kept, tokenized, len(rows) - len(kept)
+
+
+def _reward_model(ctx: StageContext, tokenizer):
+    """The model to train: the policy's weights under a fresh score head, with the configured PEFT method."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from pipeline.models import load_policy, load_reward_model, peft_config_for
+
+    set_seed(ctx.config.seed)  # the score head and the adapter are initialised randomly
+    base_dir = ctx.init.base
+    if ctx.init.adapter is not None:
+        merged = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
+        base_dir = lm.save_merged_base(ctx, merged, tokenizer)
+        del merged
+    model = load_reward_model(base_dir, ctx.config.model, tokenizer)
+    peft_config = peft_config_for(ctx.config.peft, task_type="SEQ_CLS")
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    return model, base_dir
+
+
+def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_length: int) -> dict:
+    """Accuracy, mean margin and calibration of P(chosen wins) = sigmoid(r_chosen - r_rejected) on `rows`."""
+    from reward.rm_judge import RewardModelJudge
+
+    model.eval()
+    scorer = RewardModelJudge(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    chosen = scorer.score([row.prompt for row in rows], [row.chosen for row in rows])
+    rejected = scorer.score([row.prompt for row in rows], [row.rejected for row in rows])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    # Calibration over the model's confidence in its own pick: max(p, 1 - p), binned, against how often it was right.
+    table, ece = [], 0.0
+    for low, high in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+        members = [m for m in margins if low <= max(_sigmoid(m), 1 - _sigmoid(m)) < high
+                   or (high == 1.0 and max(_sigmoid(m), 1 - _sigmoid(m)) == 1.0)]
+        if not members:
+            table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": 0, "mean_confidence": None,
+                          "accuracy": None})
+            continue
+        confidence = sum(max(_sigmoid(m), 1 - _sigmoid(m)) for m in members) / len(members)
+        accuracy = sum(m > 0 for m in members) / len(members)
+        ece += len(members) / len(margins) * abs(confidence - accuracy)
+        table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": len(members),
+                      "mean_confidence": round(confidence, 4), "accuracy": round(accuracy, 4)})
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
+            "ece": ece, "calibration": table}
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from pipeline.models import load_tokenizer
+
+    train_rows, eval_rows = load(ctx.config, ctx.data_from)
+    tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
+    limit = ctx.section.trainer.get("max_length") or RewardConfig.__dataclass_fields__["max_length"].default
+    _, train_tok, dropped_train = tokenize(tokenizer, train_rows, limit)
+    eval_rows, eval_tok, dropped_eval = tokenize(tokenizer, eval_rows, limit)
+    if dropped_train + dropped_eval:
+        warn(f"{NAME}: {dropped_train + dropped_eval} pairs have a response longer than max_length={limit} tokens "
+             f"and were left out ({dropped_train} train, {dropped_eval} eval)")
+    if not train_rows:
+        raise PipelineError(f"{NAME}: there are no chosen/rejected pairs to train on (see the preferences stage's "
+                            "tie and unlabelled counts)")
+    if not train_tok:
+        raise ConfigError(f"{NAME}: no training pair fits in max_length={limit}")
+    log(f"{NAME}: {len(train_tok)} train / {len(eval_tok)} held-out pairs")
+    metrics = {"data/train_pairs": len(train_tok), "data/eval_pairs": len(eval_tok),
+               "data/dropped_too_long": dropped_train + dropped_eval}
+
+    model, base_dir = _reward_model(ctx, tokenizer)
+    batch_size = ctx.section.trainer.get("per_device_eval_batch_size", 8)
+    if eval_rows and ctx.resume_from is None:
+        before = evaluate(model, tokenizer, eval_rows, batch_size, limit)
+        ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"]})
+    args = lm.trainer_args(
+        RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
+        output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{NAME}",
+        report_to=list(ctx.config.tracking.report_to) or "none",
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_tok),
+        eval_dataset=Dataset.from_list(eval_tok) if eval_tok else None,
+        callbacks=[*ctx.callbacks(), RichProgressCallback()],
+    )
+    trainer.remove_callback(PrinterCallback)
+    if ctx.resume_from is not None:
+        log(f"{NAME}: resuming from {ctx.resume_from}")
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    metrics.update({"train/loss": result.training_loss, "train/steps": result.global_step})
+    if eval_rows:
+        after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
+        metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
+                        "rm/eval_ece": after["ece"]})
+        write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
+        log(f"{NAME}: held-out accuracy {after['accuracy']:.1%} on {len(eval_rows)} pairs, mean margin "
+            f"{after['margin']:.3f}, expected calibration error {after['ece']:.3f}")
+        for row in after["calibration"]:
+            log(f"  confidence {row['confidence']}: {row['pairs']:>4} pairs, accuracy "
+                f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.0%')}", markup=False)
+    if trainer.is_world_process_zero():
+        lm.save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+    ctx.record(base_model=str(base_dir))
+    return metrics
+

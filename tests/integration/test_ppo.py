@@ -1,0 +1,262 @@
+"""The ppo stage through the CLI on the tiny random model: it learns, it resumes exactly after a SIGKILL, it takes
+its reward from the rm stage, and what it leaves loads in plain PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, load_safetensors_dir, run_pipeline
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+RULE = ["--set", "ppo.init_from=base", "--set", "ppo.reward.type=rule",
+        "--set", "ppo.reward.function=rules_for_tests:distinct_trigrams"]
+# The tiny model's logits are nearly flat (random embeddings of std 0.02 under a fixed-norm hidden state): at
+# temperature 1 it samples uniformly from 49k tokens, which no LoRA update can concentrate. At 0.1 it repeats its
+# first token over and over, and a reward for distinct trigrams is something it can unlearn within 20 iterations.
+LEARNABLE = ["--set", "ppo.trainer.temperature=0.1", "--set", "ppo.trainer.learning_rate=3e-3",
+             "--set", "ppo.trainer.kl_coef=0.002", "--set", "ppo.trainer.max_steps=20",
+             "--set", "ppo.trainer.save_steps=10", "--set", "ppo.trainer.sample_every=5"]
+
+
+# One intra-op thread per pipeline process: on a shared 2-core machine, two OpenMP threads contending with other
+# jobs made these runs up to 18 times slower (a 20-iteration run: 30 s with one thread, 9 minutes with two).
+PIPELINE_ENV = {"PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def pipeline_env(monkeypatch):
+    for key, value in PIPELINE_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def manifest(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "ppo" / "stage.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """The same for the model work a test does in its own process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One learning run, shared by the tests that read what it left."""
+    run_dir = tmp_path_factory.mktemp("ppo") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in PIPELINE_ENV.items():
+            patch.setenv(key, value)
+        run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE, *LEARNABLE)
+    return run_dir
+
+
+def test_reward_rises(learned):
+    rows = read_jsonl(learned / "ppo" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == list(range(1, 21))
+    for row in rows:
+        assert all(math.isfinite(value) for value in row.values()), row
+    first = sum(row["ppo/reward_mean"] for row in rows[:4]) / 4
+    last = sum(row["ppo/reward_mean"] for row in rows[-4:]) / 4
+    curve = " ".join(f"{row['ppo/reward_mean']:.2f}" for row in rows)
+    assert last > first + 0.1, f"reward did not rise: {curve}"
+    metrics = manifest(learned)["metrics"]
+    assert metrics["ppo/reward_mean_first"] == rows[0]["ppo/reward_mean"]
+    assert metrics["ppo/reward_mean"] == rows[-1]["ppo/reward_mean"] and metrics["train/steps"] == 20
+    assert metrics["eval/score_mean"] > metrics["eval/score_mean_before"], "held-out prompts improve too"
+    tables = read_jsonl(learned / "ppo" / "samples.jsonl")
+    assert [table["step"] for table in tables] == [5, 10, 15, 20]
+    assert {"prompt", "response", "score", "reward"} <= set(tables[0]["samples"][0])
+
+
+def test_every_trainable_parameter_changed_and_the_adapter_reloads_in_plain_peft(learned, one_thread):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer
+    from stages.ppo.model import build
+
+    base = Path(manifest(learned)["base_model"])
+    # The same config and seed build the same initial adapters: what every parameter started from.
+    config = load_config(SMOKE, [arg for arg in RULE + LEARNABLE if arg != "--set"])
+    initial = build(config, base, load_tokenizer(config.model, base)).state_dict()
+    trained = {"actor": load_safetensors_dir(learned / "ppo" / "final"),
+               "critic": load_safetensors_dir(learned / "ppo" / "critic")}
+    expected = {name for name in initial if ".actor." in name or ".critic." in name or name.startswith("value_head")}
+    seen = set()
+    for adapter, tensors in trained.items():
+        for key, tensor in tensors.items():
+            if key in ("weight", "bias"):  # value_head.safetensors
+                name = f"value_head.{key}"
+            else:  # PEFT drops the adapter's name from the keys it saves
+                name = "peft_model." + key.replace(".weight", f".{adapter}.weight")
+            assert name in expected, name
+            assert not torch.equal(tensor, initial[name]), f"{name} did not change"
+            seen.add(name)
+    assert seen == expected
+
+    tokenizer = AutoTokenizer.from_pretrained(learned / "ppo" / "final")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), learned / "ppo" / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "When do bees swarm?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+    assert json.loads((learned / "ppo" / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def _kill_after_first_checkpoint(run_dir, args) -> str:
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run_dir / "ppo" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
+        if markers:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"ppo ended (exit {process.poll()}) before a checkpoint could be interrupted")
+
+
+def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
+    def args(run_dir):
+        # An adaptive KL coefficient: its state must come back from the checkpoint too.
+        return ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE,
+                "--set", "ppo.trainer.max_steps=6", "--set", "ppo.trainer.save_steps=2",
+                "--set", "ppo.trainer.kl_target=0.5", "--set", "ppo.trainer.kl_horizon=100",
+                "--set", "ppo.data.eval_split=0", "--set", "evaluation.prompts="]
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_pipeline(*args(reference))
+    newest = _kill_after_first_checkpoint(killed, args(killed))
+    assert json.loads(run_pipeline("status", "--run-dir", str(killed), "--json").stdout)["stages"]["ppo"]["status"] \
+        == "interrupted"
+    decoy = killed / "ppo" / "checkpoints" / "checkpoint-5"  # a half-written checkpoint: no COMPLETE marker
+    decoy.mkdir()
+    (decoy / "model.safetensors").write_bytes(b"torn")
+
+    run_pipeline(*args(killed))
+    resumed = manifest(killed)
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == newest and resumed["attempts"] == 2
+    assert not decoy.exists(), "the partial checkpoint is moved to .history/, not resumed from"
+    for part in ("final", "critic"):
+        expected, actual = load_safetensors_dir(reference / "ppo" / part), load_safetensors_dir(killed / "ppo" / part)
+        assert expected.keys() == actual.keys()
+        diff = max((expected[k] - actual[k]).abs().max().item() for k in expected)
+        assert diff <= 1e-6, f"resumed {part} differs from the uninterrupted run by {diff}"
+    # The same samples at every step: the resumed run saw the prompts and seeds the uninterrupted one did.
+    def curve(run_dir):
+        return [(row["step"], row["ppo/reward_mean"], row["ppo/kl_coef"])
+                for row in read_jsonl(run_dir / "ppo" / "metrics.jsonl")]
+
+    assert curve(killed) == pytest.approx(curve(reference), abs=1e-5)
+    assert len({kl_coef for _, _, kl_coef in curve(reference)}) > 1, "the KL coefficient adapted"
+
+
+def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
+    """sft -> rm -> ppo: the sft adapter is merged into ppo's base, and the rewards are the rm stage's scores."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"How do I look after hive {i}?",
+                                         "chosen": f"Inspect hive {i} every week in spring.",
+                                         "rejected": "Bees."}) + "\n" for i in range(12)))
+    run_dir = tmp_path / "run"
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "sft", "--stage", "rm",
+                 "--stage", "ppo", "--set", "sft.trainer.max_steps=2", "--set", "sft.trainer.save_steps=2",
+                 "--set", f"rm.data.train={pairs}", "--set", "rm.trainer.max_steps=2", "--set", "rm.data.eval_split=0",
+                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.data.eval_split=0",
+                 "--set", "tracking.report_to=[wandb, tensorboard]")
+    ppo = manifest(run_dir)
+    assert ppo["status"] == "completed" and ppo["metrics"]["train/steps"] == 2
+    assert ppo["init"]["adapter"] == str(run_dir / "sft" / "final")
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{ppo['wandb_run_id']}"))
+    assert list((run_dir / "ppo" / "tensorboard").glob("events.out.tfevents.*"))
+    assert 0 <= ppo["metrics"]["eval/win_rate"] <= 1, "compared with the starting policy on evaluation.prompts"
+    rows = read_jsonl(run_dir / "ppo" / "metrics.jsonl")
+    assert len(rows) == 2 and all(math.isfinite(value) for row in rows for value in row.values())
+
+    from pipeline.config import ModelConfig, load_config
+    from pipeline.context import ModelSource
+    from pipeline.models import load_causal_lm, load_policy, load_tokenizer
+    from reward.build import model_source
+    from reward.rm_judge import RewardModelJudge
+
+    # The reference (ppo's base, adapters off) is exactly the sft policy.
+    model_cfg = ModelConfig("tiny-random-smollm2")
+    assert ppo["base_model"] == str(run_dir / "ppo" / "base")
+    sft = ModelSource.of_stage(run_dir / "sft")
+    tokenizer = load_tokenizer(model_cfg, sft.base)
+    ids = torch.tensor([tokenizer("Bees make honey in summer.")["input_ids"]])
+    with torch.no_grad():
+        expected = load_policy(sft.base, sft.adapter, model_cfg, tokenizer)(input_ids=ids).logits
+        actual = load_causal_lm(run_dir / "ppo" / "base", model_cfg, tokenizer).eval()(input_ids=ids).logits
+    assert (expected - actual).abs().max().item() < 1e-5
+    # The scores are the reward model's: the rm judge gives the same numbers for the same conversations.
+    source = model_source("rm", load_config(SMOKE), run_dir)
+    judge = RewardModelJudge.from_path(source.base, model_cfg, adapter=source.adapter)
+    [table] = read_jsonl(run_dir / "ppo" / "samples.jsonl")
+    scores = judge.score([row["prompt"] for row in table["samples"]], [row["response"] for row in table["samples"]])
+    assert scores == pytest.approx([row["score"] for row in table["samples"]], abs=1e-4)
+
+
+def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread):
+    """The direction of learning, directly: after one optimise() call, responses with a positive advantage are
+    more likely and responses with a negative one less likely."""
+    from accelerate import Accelerator
+
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, resolve_model_path
+    from stages.ppo import load
+    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.model import build
+    from stages.ppo.rollout import rollout
+    from stages.ppo.trainer import optimise
+
+    config = load_config(SMOKE, ["ppo.init_from=base", "ppo.trainer.temperature=0.1", "ppo.trainer.max_new_tokens=8"])
+    cfg = config.ppo.trainer
+    tokenizer = load_tokenizer(config.model)
+    module = build(config, resolve_model_path(config.model.name_or_path), tokenizer)
+    optimizer = torch.optim.AdamW(module.trainable_parameters, lr=3e-3)
+    prepared, optimizer = Accelerator().prepare(module, optimizer)
+    batch = rollout(module, tokenizer, load(config)[0][:8], cfg, seed=0)
+    advantages = torch.ones_like(batch.mask)
+    advantages[4:] = -1
+    optimise(Accelerator(), prepared, optimizer, batch, advantages * batch.mask, batch.values, cfg,
+             torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = module(*batch.inputs(), batch.responses.shape[1], "actor_critic")
+    change = ((logprobs_from_logits(logits / cfg.temperature, batch.responses) - batch.logprobs) * batch.mask).sum(1)
+    assert (change[:4] > 0).all() and (change[4:] < 0).all(), change
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["peft.method=full", "peft.options={}"], "peft.method=full is not supported by ppo yet"),
+    (["ppo.critic=tiny-random-smollm2"], "a separate critic model is not supported yet"),
+    (["ppo.trainer.mini_batch_size=3"], "mini_batch_size to divide rollout_batch_size"),
+    (["ppo.reward.function="], "ppo.reward.function ('module:function') is required"),
+])
+def test_what_ppo_cannot_do_is_refused_before_any_compute(tmp_path, settings, message):
+    run_dir = tmp_path / "run"
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    result = run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE, *sets,
+                          check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.replace("\n", " ")
+    assert not (run_dir / "ppo").exists()
