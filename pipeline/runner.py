@@ -34,6 +34,19 @@ from stages import STAGES
 DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
 
 
+def referenced_stages(config: RunConfig, name: str) -> list[str]:
+    """Stages whose result `name` uses besides its starting model and data: the model of a judge or a reward. Their
+    output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
+    models = []
+    if name == "preferences" and config.preferences.judge.type in ("llm", "reward_model"):
+        models.append(config.preferences.judge.model)
+    if name == "ppo" and config.ppo.reward.type == "reward_model":
+        models.append(config.ppo.reward.model)
+    if name in ("dpo", "ppo") and config.evaluation.prompts and config.evaluation.judge.type in ("llm", "reward_model"):
+        models.append(config.evaluation.judge.model)
+    return sorted({model for model in models if model in STAGE_ORDER and model != name})
+
+
 @dataclass
 class Decision:
     stage: str
@@ -132,6 +145,8 @@ class Runner:
             hashes[f"data.{key}"] = hash_path(Path(path))
         if data_upstream:
             hashes[f"data.{data_upstream}"] = (read_manifest(self.run_dir / data_upstream) or {}).get("output_hash", "")
+        for used in referenced_stages(config, name):
+            hashes[f"uses.{used}"] = (read_manifest(self.run_dir / used) or {}).get("output_hash", "")
         if init is None:
             return hashes
         if upstream:
@@ -151,7 +166,12 @@ class Runner:
         data_upstream = self._data_source(name, will_run)
         stage_dir = self.run_dir / name
         manifest = read_manifest(stage_dir)
-        pending = [s for s in (upstream, data_upstream) if s in will_run]
+        used = referenced_stages(self.config, name)
+        for stage in used:
+            if stage not in will_run and not self._completed(stage):
+                raise PipelineError(f"{name} uses the model of the {stage} stage (a judge or reward), but {stage} has "
+                                    f"not completed in {self.run_dir}; run it first")
+        pending = [s for s in (upstream, data_upstream, *used) if s in will_run]
         if pending:
             return Decision(name, "run" if not manifest else "rerun",
                             f"its input comes from {' and '.join(pending)}, which runs first")
@@ -230,12 +250,14 @@ class Runner:
         try:
             metrics = STAGES[decision.stage].run(ctx)
         except BaseException as exc:
+            tracking.finish()
             manifest = read_manifest(stage_dir)
             interrupted = isinstance(exc, KeyboardInterrupt)
             status = "interrupted" if interrupted else getattr(exc, "status", "failed")
             manifest.update(status=status, error=None if interrupted else str(exc))
             write_manifest(stage_dir, manifest)
             raise
+        tracking.finish()
         manifest = read_manifest(stage_dir)
         finished = time.time()
         manifest.update(

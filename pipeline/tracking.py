@@ -31,6 +31,15 @@ def configure(tracking: TrackingConfig, run_dir: Path, run_name: str, stage: str
     )
 
 
+def finish() -> None:
+    """End the stage's W&B run: wandb keeps one run per process, and the next stage must start its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def _fmt(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else ("" if value is None else str(value))
 

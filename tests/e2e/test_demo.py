@@ -11,6 +11,7 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "demo"
     run_pipeline("run", "--run-dir", str(run_dir), "--set", "cpt.trainer.max_steps=4",
                  "--set", "sft.trainer.max_steps=6", "--set", "rm.trainer.max_steps=4", "--set", "dpo.trainer.max_steps=2",
+                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.max_new_tokens=24",
                  "--set", "evaluation.max_prompts=8", "--set", "evaluation.max_new_tokens=32")
     preferences = json.loads((run_dir / "preferences" / "stage.json").read_text())
     rm = json.loads((run_dir / "rm" / "stage.json").read_text())
@@ -22,6 +23,9 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     assert dpo["status"] == "completed" and dpo["base_model"].endswith("dpo/base")
     assert dpo["metrics"]["eval/wins"] + dpo["metrics"]["eval/ties"] + dpo["metrics"]["eval/losses"] == 8
     assert 0 <= dpo["metrics"]["eval/measure_after"] <= 1
+    ppo = json.loads((run_dir / "ppo" / "stage.json").read_text())
+    assert ppo["status"] == "completed" and ppo["metrics"]["train/steps"] == 2
+    assert 0 <= ppo["metrics"]["eval/win_rate"] <= 1
     cpt = json.loads((run_dir / "cpt" / "stage.json").read_text())
     sft = json.loads((run_dir / "sft" / "stage.json").read_text())
     assert cpt["status"] == sft["status"] == "completed"
