@@ -32,7 +32,8 @@ def main(spec: dict) -> None:
         generated["calls"] += 1
         # Conversational prompts give each completion as [{"role": "assistant", "content": text}]; the ppo stage
         # hands the rule the decoded text stripped, so do the same.
-        return [float(rule(prompt, completion[0]["content"].strip())) for prompt, completion in zip(prompts, completions)]
+        return [float(rule(prompt, completion[0]["content"].strip()))
+                for prompt, completion in zip(prompts, completions)]
 
     reward.__name__ = name  # TRL logs rewards/<name>/mean
 

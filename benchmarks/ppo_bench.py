@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 # The sft bench's environment, console and statistics, so both benches run and read their numbers the same way.
@@ -44,6 +45,11 @@ PIPELINE_CHILD = (
     "open(sys.argv[1], 'w')); sys.exit(rc)"
 )
 IMPORTS_ONLY = "import torch, transformers, peft, trl, accelerate, datasets, pipeline.cli, stages.ppo.trainer"
+
+
+def _list(values: list, digits: int = 1) -> str:
+    """_fmt_list escaped for rich, which would otherwise take "[failed]" for a style tag and drop it."""
+    return escape(_fmt_list(values, digits))
 
 
 def run_child(cmd: list[str], log: Path) -> tuple[float, float] | None:
@@ -75,7 +81,7 @@ def overrides(args) -> dict[str, list[str]]:
     steps, no held-out evaluation (only the training loop is measured), no tracker."""
     common = [f"model.name_or_path={args.model}", "tracking.report_to=[]"]
     ppo = [
-        "ppo.init_from=base", f"ppo.data.train={PROMPTS}", "ppo.data.eval_split=0", "evaluation.prompts=",
+        "ppo.init_from=base", f"ppo.data.train={ROOT / PROMPTS}", "ppo.data.eval_split=0", "evaluation.prompts=",
         # The rule alone is the reward, as on the RLOO side (ppo's default missing-EOS penalty is not in RLOO).
         "ppo.reward.type=rule", f"ppo.reward.function={REWARD}", "ppo.trainer.missing_eos_penalty=",
         f"ppo.trainer.max_steps={args.steps}", "ppo.trainer.logging_steps=1",  # every iteration's tokens/s
@@ -113,9 +119,9 @@ def rloo_spec(config, work: Path) -> dict:
 
 def ppo_throughput(metrics_file: Path, rollout_batch_size: int) -> dict:
     """Generated tokens and seconds summed over the iterations in <run>/ppo/metrics.jsonl. Each line holds one
-    iteration's mean response length (tokens through the end-of-turn token) and ppo/tokens_per_s, timed over loop
-    steps 1-7 (rollout to KL update; checkpoints and logging excluded): tokens = length x rollout_batch_size and
-    seconds = tokens / tokens_per_s."""
+    iteration's mean response length (tokens through the end-of-turn token) and ppo/tokens_per_s, timed from the
+    rollout through the KL update and the metric reduction (the metrics file, sample tables and checkpoints are
+    outside it): tokens = length x rollout_batch_size and seconds = tokens / tokens_per_s."""
     tokens, seconds, rates = 0.0, 0.0, []
     for line in metrics_file.read_text().splitlines():
         entry = json.loads(line)
@@ -153,13 +159,15 @@ def measure(side: str, out: Path, work: Path, sets: dict, spec: dict, cfg) -> di
         return {"rss": peak, "cuda": json.loads(cuda_file.read_text())["cuda_peak"],
                 "rate": done["tokens"] / done["seconds"], "completions": done["iterations"] * cfg.rollout_batch_size,
                 "note": f"{done['tokens']:.0f} tok / {done['seconds']:.1f} s over {done['iterations']} iterations "
-                        f"(per-iteration tok/s {_fmt_list(done['rates'])}), wall {wall:.1f} s"}
+                        f"(per-iteration tok/s {_list(done['rates'])}), mean response "
+                        f"{done['tokens'] / (done['iterations'] * cfg.rollout_batch_size):.1f} tok, wall {wall:.1f} s"}
     done = json.loads((out / "result.json").read_text())
     return {"rss": peak, "cuda": done["cuda_peak"], "rate": done["tokens"] / done["train_wall"],
             "completions": done["completions"],
             "note": f"{done['tokens']} tok / {done['train_wall']:.1f} s of trainer.train() (train_runtime "
                     f"{train_runtime(done['log_history'])} s), {done['completions']} completions in {done['calls']} "
-                    f"generation batches, wall {wall:.1f} s"
+                    f"generation batches, mean response {done['tokens'] / done['completions']:.1f} tok, "
+                    f"wall {wall:.1f} s"
                     + ("" if done["same_prompt_ids"] else " [red](prompt ids differ from the ppo stage's)[/red]")}
 
 
@@ -193,8 +201,8 @@ def bench(args, work: Path) -> tuple[list[dict], list[str]]:
         {"comparison": "throughput: generated tok/s, ppo vs rloo", "ours": median(values("ppo", "rate")),
          "reference": median(values("rloo", "rate")), "ratio": speed_ratio, "target": None},
     ]
-    notes = [f"peak RSS MiB: " + ", ".join(f"{side} {_fmt_list(rss[side], 0)}" for side in runs)
-             + f"; per-repeat ppo/sft {_fmt_list(memory_ratios, 3)}"]
+    notes = ["peak RSS MiB: " + ", ".join(f"{side} {_list(rss[side], 0)}" for side in runs)
+             + f"; per-repeat ppo/sft {_list(memory_ratios, 3)}"]
     if baseline:
         base = baseline[1]
         above = paired_ratio(*[[None if v is None else v - base for v in rss[side]] for side in ("ppo", "sft")])[0]
@@ -202,12 +210,14 @@ def bench(args, work: Path) -> tuple[list[dict], list[str]]:
                      f"pipeline peaks at {base:.0f} MiB; above that, ppo/sft = "
                      + ("n/a" if above is None else f"{above:.3f}x"))
     if any(v is not None for side in runs for v in values(side, "cuda")):
-        notes.append("peak CUDA allocated MiB: " + ", ".join(
-            f"{side} {_fmt_list([None if v is None else v / 2**20 for v in values(side, 'cuda')], 0)}" for side in runs))
+        mib = {side: " ".join("n/a" if v is None else f"{v / 2**20:.0f}" for v in values(side, "cuda"))
+               for side in runs}
+        notes.append("peak CUDA allocated MiB (n/a: not measured): "
+                     + ", ".join(f"{side} {mib[side]}" for side in runs))
     notes += [f"{side}: " + "; ".join(run.get("note", "failed") for run in runs[side]) for side in runs]
     counts = {side: sorted({run["completions"] for run in runs[side] if run}) for side in ("ppo", "rloo")}
-    notes += [f"per-repeat tok/s ratios ppo/rloo: {_fmt_list(speed_ratios, 3)}",
-              f"completions sampled per run: ppo {counts['ppo']}, rloo {counts['rloo']}  "
+    notes += [f"per-repeat tok/s ratios ppo/rloo: {_list(speed_ratios, 3)}",
+              f"completions sampled per run: ppo {escape(str(counts['ppo']))}, rloo {escape(str(counts['rloo']))}  "
               + ("(same number)" if counts["ppo"] == counts["rloo"]
                  else "[red](DIFFERENT: not the same amount of sampling)[/red]")]
     return rows, notes

@@ -15,7 +15,7 @@ from conftest import REPO, load_safetensors_dir, run_pipeline
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # Long enough that the kill lands mid-run; a checkpoint every 2 steps.
-LONG = ["--set", "{stage}.trainer.max_steps=20", "--set", "{stage}.trainer.save_steps=2"]
+LONG = ["--set", "{stage}.trainer.max_steps=12", "--set", "{stage}.trainer.save_steps=2"]
 
 
 def _args(stage: str, run_dir) -> list[str]:
