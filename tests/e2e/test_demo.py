@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_pipeline
 
 
+@pytest.mark.timeout(1800)  # six stages of a 135M model on two CPU cores: ~9 minutes idle, more on a busy machine
 def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "demo"
     run_pipeline("run", "--run-dir", str(run_dir), "--set", "cpt.trainer.max_steps=4",
