@@ -1,4 +1,4 @@
-"""The embedded SmolLM2-135M-Instruct through README's demo config (fewer steps): cpt, sft, preferences, rm."""
+"""The embedded SmolLM2-135M-Instruct through README's demo config (fewer steps): every stage, real weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_pipeline
+from conftest import REPO, run_pipeline
 
 
 @pytest.mark.timeout(1800)  # six stages of a 135M model on two CPU cores: ~9 minutes idle, more on a busy machine
