@@ -173,8 +173,10 @@ def test_human_judge_waits_for_labels_then_one_key_swaps_to_a_file(tmp_path):
     assert [label["winner"] for label in labels][:3] == ["a", "b", "tie"]
     assert sorted(label["pair_id"] for label in labels) == sorted(pair["id"] for pair in pairs)
 
-    run_pipeline(*args)
-    metrics = status(run_dir)["preferences"]["metrics"]
+    run_pipeline(*args, "--stage", "rm", *SHORT_RM)
+    stages = status(run_dir)
+    assert stages["preferences"]["status"] == "completed" and stages["rm"]["status"] == "completed"
+    metrics = stages["preferences"]["metrics"]
     assert metrics["preferences/ties"] == 1 and metrics["preferences/rows"] == len(pairs) - 1
 
     # The same pairs labelled in a file: swapping the judge is the one key `type` (plus where the file is).
