@@ -121,7 +121,8 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
     if ctx.resume_from is None and eval_prompts:
         ctx.record({"eval/score_mean_before": evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
     if accelerator.log_with:
-        accelerator.init_trackers(config.tracking.project, init_kwargs={"wandb": _wandb_run(config)})
+        wandb = {"wandb": _wandb_run(config)} if "wandb" in config.tracking.report_to else {}
+        accelerator.init_trackers(config.tracking.project, init_kwargs=wandb)
     log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
         f"reference = {ctx.init.description}")
     generator = torch.Generator()
