@@ -68,7 +68,8 @@ def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str]) -> s
         if markers:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-            return sorted(m.parent.name for m in markers)[0]
+            # The newest complete checkpoint is the one a resume must pick.
+            return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name
         time.sleep(0.02)
     process.kill()
     pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_safetensors_dir, run_pipeline
+from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 RULE = ["--set", "ppo.init_from=base", "--set", "ppo.reward.type=rule",
@@ -120,22 +115,6 @@ def test_every_trainable_parameter_changed_and_the_adapter_reloads_in_plain_peft
     assert json.loads((learned / "ppo" / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def _kill_after_first_checkpoint(run_dir, args) -> str:
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = run_dir / "ppo" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
-        if markers:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"ppo ended (exit {process.poll()}) before a checkpoint could be interrupted")
-
-
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
     def args(run_dir):
         # An adaptive KL coefficient: its state must come back from the checkpoint too.
@@ -146,7 +125,7 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_pipeline(*args(reference))
-    newest = _kill_after_first_checkpoint(killed, args(killed))
+    newest = kill_after_first_checkpoint("ppo", killed, args(killed))
     assert json.loads(run_pipeline("status", "--run-dir", str(killed), "--json").stdout)["stages"]["ppo"]["status"] \
         == "interrupted"
     decoy = killed / "ppo" / "checkpoints" / "checkpoint-5"  # a half-written checkpoint: no COMPLETE marker

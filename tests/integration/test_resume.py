@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, load_safetensors_dir, run_pipeline
+from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 # Long enough that the kill lands mid-run; a checkpoint every 2 steps.
@@ -22,28 +17,12 @@ def _args(stage: str, run_dir) -> list[str]:
     return ["run", "--config", SMOKE, "--stage", stage, "--run-dir", str(run_dir), *(a.format(stage=stage) for a in LONG)]
 
 
-def _kill_after_first_checkpoint(stage: str, run_dir) -> str:
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *_args(stage, run_dir)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = run_dir / stage / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
-        if markers:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            return sorted(m.parent.name for m in markers)[0]
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")
-
-
 @pytest.mark.parametrize("stage", ["sft", "cpt"])
 def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, stage):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_pipeline(*_args(stage, reference))
 
-    _kill_after_first_checkpoint(stage, killed)
+    kill_after_first_checkpoint(stage, killed, _args(stage, killed))
     status = json.loads(run_pipeline("status", "--run-dir", str(killed), "--json").stdout)["stages"][stage]
     assert status["status"] == "interrupted"
     newest = status["newest_checkpoint"]
