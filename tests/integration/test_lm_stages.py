@@ -79,17 +79,19 @@ def test_cpt_then_sft_chain_skip_and_rerun(tmp_path):
 
 def test_changed_config_refuses_to_resume_foreign_progress(tmp_path):
     run_dir = tmp_path / "run"
-    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir), *CHAIN)
+    run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir), "--set", "sft.trainer.max_steps=2")
     manifest_path = run_dir / "sft" / "stage.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["status"] = "failed"
     manifest_path.write_text(json.dumps(manifest))
     result = run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
-                          "--set", "sft.trainer.learning_rate=1e-4", check=False)
+                          "--set", "sft.trainer.learning_rate=1e-4",
+                          "--set", "sft.trainer.max_steps=2", check=False)
     assert result.returncode == 2
     assert "--fresh" in result.stderr and "config" in result.stderr
     run_pipeline("run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
-                 "--set", "sft.trainer.learning_rate=1e-4", "--fresh")
+                 "--set", "sft.trainer.learning_rate=1e-4",
+                 "--set", "sft.trainer.max_steps=2", "--fresh")
     assert json.loads(manifest_path.read_text())["status"] == "completed"
 
 
