@@ -11,9 +11,12 @@ from pipeline.artifacts import COMPLETE_MARKER
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete. Trainer calls on_save only after every file of the checkpoint is written."""
+    """Marks a checkpoint complete. Trainer calls on_save once this process has written its files of the checkpoint;
+    with several processes (DeepSpeed shards, per-process RNG states) the marker waits for all of them."""
 
     def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            args.distributed_state.wait_for_everyone()
         if state.is_world_process_zero:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():

@@ -1,6 +1,6 @@
 """One YAML schema for a whole run, validated before any compute is spent.
 
-A run config has shared sections (`model`, `peft`, `tracking`) and one section per stage. Our own keys are the
+A run config has shared sections (`model`, `peft`, `tracking`, `distributed`) and one section per stage. Our own keys are the
 dataclass fields below, each with a one-line docstring; a stage's `trainer:` mapping is handed untouched to the TRL
 config dataclass of that stage (SFTConfig, ...), so every TRL option works without being declared here. Unknown
 keys and wrong types are errors that name the key and suggest the closest valid one.
@@ -53,6 +53,32 @@ class TrackingConfig:
     """Any of wandb, tensorboard. W&B honours WANDB_MODE (offline works) and groups a run's stages."""
     project: str = "alignment-pipeline"
     """W&B project name."""
+
+
+@dataclass
+class DistributedConfig:
+    """How a training stage is launched: under `accelerate launch`, with DeepSpeed when a JSON config is named."""
+
+    num_processes: int = 1
+    """Processes per machine (one per GPU)."""
+    num_machines: int = 1
+    """Machines taking part; each one runs the same command with its own machine_rank."""
+    machine_rank: int = 0
+    """This machine's rank, 0 to num_machines - 1; rank 0 is the main machine."""
+    main_process_ip: str = ""
+    """The address of machine 0, which every machine connects to (needed with num_machines > 1)."""
+    main_process_port: int = 29500
+    """The port on machine 0 the processes rendezvous on."""
+    deepspeed: str = ""
+    """A DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json, zero3_offload.json); empty: no DeepSpeed."""
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or bool(self.deepspeed)
 
 
 @dataclass
@@ -265,6 +291,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-process, multi-machine and DeepSpeed launching of the training stages."""
     cpt: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     sft: StageConfig = field(default_factory=StageConfig)
     preferences: PreferencesConfig = field(default_factory=lambda: PreferencesConfig(enabled=False))
@@ -388,6 +416,29 @@ def _check_values(config: RunConfig) -> None:
     _check_preferences(config)
     _check_evaluation(config)
     _check_ppo(config)
+    _check_distributed(config)
+
+
+def _check_distributed(config: RunConfig) -> None:
+    dist, source = config.distributed, config.source
+    if dist.num_processes < 1 or dist.num_machines < 1:
+        raise ConfigError(f"{source}: distributed.num_processes and distributed.num_machines must be at least 1")
+    if not 0 <= dist.machine_rank < dist.num_machines:
+        raise ConfigError(f"{source}: distributed.machine_rank must be in [0, {dist.num_machines}), "
+                          f"got {dist.machine_rank}")
+    if dist.num_machines > 1 and not dist.main_process_ip:
+        raise ConfigError(f"{source}: distributed.main_process_ip (the address of machine 0) is required when "
+                          f"distributed.num_machines > 1")
+    if dist.deepspeed:
+        import json
+
+        path = Path(dist.deepspeed)
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except OSError:
+            raise ConfigError(f"{source}: distributed.deepspeed: no DeepSpeed config at {path}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{source}: distributed.deepspeed: {path} is not valid JSON: {exc}") from None
 
 
 def _check_evaluation(config: RunConfig) -> None:

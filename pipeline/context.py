@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.artifacts import read_manifest, write_manifest
 from pipeline.config import RunConfig, StageConfig
+from pipeline.log import is_main_process
 
 
 @dataclass
@@ -63,7 +64,10 @@ class StageContext:
         return self.stage_dir / "final"
 
     def record(self, metrics: dict | None = None, **fields) -> None:
-        """Store metrics and manifest fields right away, so they survive a crash before the stage completes."""
+        """Store metrics and manifest fields right away, so they survive a crash before the stage completes. In a
+        launched stage only the main process writes."""
+        if not is_main_process():
+            return
         manifest = read_manifest(self.stage_dir) or {}
         manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
         manifest.update(fields)

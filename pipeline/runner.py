@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import tracking
+from pipeline import launch, tracking
 from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
@@ -199,10 +199,22 @@ class Runner:
             )
         checkpoints = complete_checkpoints(stage_dir / "checkpoints")
         if checkpoints:
+            self._check_same_processes(name, manifest, checkpoints[-1])
             return Decision(name, "resume", f"{status}; resuming from {checkpoints[-1].name}", init, checkpoints[-1],
                             hashes, data_from)
         return Decision(name, "run", f"{status} before its first complete checkpoint; starting from step 0",
                         init, None, hashes, data_from)
+
+    def _check_same_processes(self, name: str, manifest: dict, checkpoint: Path) -> None:
+        """DeepSpeed saves the optimiser state in one shard per process: a checkpoint resumes only on as many."""
+        launched = launch.launches(self.config, name)
+        before, now = manifest.get("world_size", 1), self.config.distributed.world_size if launched else 1
+        if before != now and (manifest.get("deepspeed") or (launched and self.config.distributed.deepspeed)):
+            raise PipelineError(
+                f"{name}'s {checkpoint.name} was written by {before} DeepSpeed process(es) and this run has {now}: its "
+                f"optimiser state is sharded {before} ways. Resume with distributed.num_processes x num_machines = "
+                f"{before}, or pass --fresh to move that progress to .history/ and start over"
+            )
 
     def plan(self, names: list[str]) -> list[Decision]:
         decisions, will_run = [], set()
@@ -216,6 +228,7 @@ class Runner:
     # ---------------------------------------------------------------- running
 
     def run(self, names: list[str]) -> list[dict]:
+        launch.check_main_machine(self.config)
         preflight(self.config, names)
         summary = []
         with RunLock(self.run_dir):
@@ -242,13 +255,17 @@ class Runner:
             attempts=manifest["attempts"] + 1,
             resumed_from=decision.resume_from.name if decision.resume_from else None,
         )
+        if launch.launches(self.config, decision.stage):
+            manifest.update(world_size=self.config.distributed.world_size,
+                            deepspeed=self.config.distributed.deepspeed or None)
         manifest.setdefault("wandb_run_id", tracking.new_run_id())
         write_manifest(stage_dir, manifest)
         tracking.configure(self.config.tracking, self.run_dir, self.run_name, decision.stage, manifest["wandb_run_id"])
         ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from,
                            decision.data_from, self.run_dir)
+        run = launch.run_launched if launch.launches(self.config, decision.stage) else STAGES[decision.stage].run
         try:
-            metrics = STAGES[decision.stage].run(ctx)
+            metrics = run(ctx)
         except BaseException as exc:
             tracking.finish()
             manifest = read_manifest(stage_dir)

@@ -110,23 +110,14 @@ def run(ctx: StageContext) -> dict:
                "data/dropped_too_long": dropped_train + dropped_eval}
 
     model, base_dir = _policy(ctx, tokenizer)
-    args = lm.trainer_args(
-        DPOConfig, NAME, ctx.section.trainer, ctx.config.seed,
-        output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{NAME}",
-        report_to=list(ctx.config.tracking.report_to) or "none",
-    )
+    args = lm.trainer_args(DPOConfig, NAME, ctx.section.trainer, ctx.config.seed,
+                           **lm.managed_args(ctx, bool(held_out)))
     trainer = DPOTrainer(
         model=model, ref_model=None, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held_out) if held_out else None,
         callbacks=[*ctx.callbacks(), RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)
-    if held_out and ctx.resume_from is None:
-        progress = trainer.pop_callback(RichProgressCallback)
-        before = trainer.evaluate()
-        ctx.record({"dpo/eval_accuracy_before": before.get("eval_rewards/accuracies"),
-                    "dpo/eval_margin_before": before.get("eval_rewards/margins")})
-        trainer.add_callback(progress)
     if ctx.resume_from is not None:
         log(f"{NAME}: resuming from {ctx.resume_from}")
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
@@ -134,14 +125,15 @@ def run(ctx: StageContext) -> dict:
     if held_out:
         trainer.pop_callback(RichProgressCallback)
         after = trainer.evaluate()
-        metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
+        metrics.update({"dpo/eval_accuracy_before": lm.evaluated_at_start(trainer, "eval_rewards/accuracies"),
+                        "dpo/eval_margin_before": lm.evaluated_at_start(trainer, "eval_rewards/margins"),
+                        "dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
                         "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss")})
         log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
             f"{metrics['dpo/eval_margin']:.3f}")
-    if trainer.is_world_process_zero():
-        lm.save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+    lm.save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))
-    if ctx.config.evaluation.prompts:
+    if ctx.config.evaluation.prompts and not ctx.config.distributed.enabled:  # launched: the runner evaluates
         metrics.update(_compare_with_sft(ctx, trainer.model, tokenizer))
     return metrics
 

@@ -139,3 +139,22 @@ def _write_samples(path: Path, prompts, old, new, winners, scores_old, scores_ne
         for prompt, before, after, winner, s_old, s_new in zip(prompts, old, new, winners, scores_old, scores_new):
             f.write(json.dumps({"prompt": prompt[-1]["content"], "start": before, "policy": after, "winner": winner,
                                 "measure_start": s_old, "measure_policy": s_new}, ensure_ascii=False) + "\n")
+
+
+def compare_saved(ctx: StageContext) -> dict:
+    """compare_with_start for a stage that trained in launched processes: the runner's process loads the saved
+    result as a user would (final/ on the base the manifest records) and the policy the stage started from."""
+    from pipeline.artifacts import read_manifest
+    from pipeline.models import load_policy, load_tokenizer
+
+    if not ctx.config.evaluation.prompts:
+        return {}
+    tokenizer = load_tokenizer(ctx.config.model, ctx.final_dir)
+    if (ctx.final_dir / "adapter_config.json").exists():
+        base = Path(read_manifest(ctx.stage_dir)["base_model"])  # the starting policy, merged: see the docstring
+        model = load_policy(base, ctx.final_dir, ctx.config.model, tokenizer)
+        start = load_policy(base, None, ctx.config.model, tokenizer)
+    else:
+        model = load_policy(ctx.final_dir, None, ctx.config.model, tokenizer)
+        start = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
+    return compare_with_start(ctx, model, tokenizer, start)

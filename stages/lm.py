@@ -17,12 +17,13 @@ import torch
 from pipeline.config import suggest
 from pipeline.context import StageContext
 from pipeline.errors import ConfigError
+from pipeline.launch import main_process_first
 from pipeline.log import log, warn
 from pipeline.models import PEFT_TYPES, load_causal_lm, load_tokenizer, peft_config_for
 from pipeline.render import show_sample
 
 # Keys the runner owns: a user setting them would scatter a stage's artifacts or bypass tracking settings.
-MANAGED_KEYS = ("output_dir", "report_to", "run_name", "resume_from_checkpoint")
+MANAGED_KEYS = ("output_dir", "report_to", "run_name", "resume_from_checkpoint", "deepspeed", "eval_on_start")
 
 
 def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -41,7 +42,8 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
     valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
     for key in trainer:
         if key in MANAGED_KEYS:
-            raise ConfigError(f"{stage}.trainer.{key} is set by the pipeline (see tracking: and --run-dir)")
+            raise ConfigError(f"{stage}.trainer.{key} is set by the pipeline (see tracking:, distributed: and "
+                              "--run-dir)")
         if key not in valid:
             raise ConfigError(f"{stage}.trainer.{key} is not an option of {config_cls.__name__}{suggest(key, valid)}")
     kwargs = {
@@ -57,6 +59,26 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
         return config_cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{stage}.trainer: {exc}") from None
+
+
+def managed_args(ctx: StageContext, has_eval: bool) -> dict:
+    """The trainer options the runner sets: where checkpoints go, the tracker's run name, DeepSpeed, and the
+    baseline evaluation. The baseline runs inside train() (eval_on_start) rather than as an evaluate() call before
+    it: under DeepSpeed ZeRO-1/2 the trainer can evaluate only once its engine exists."""
+    args = {"output_dir": str(ctx.checkpoints_dir), "run_name": f"{ctx.run_name}/{ctx.name}",
+            "report_to": list(ctx.config.tracking.report_to) or "none",
+            "eval_on_start": has_eval and ctx.resume_from is None}
+    if ctx.config.distributed.enabled:  # running in processes pipeline.launch started, which joined them already
+        args["accelerator_config"] = {**ctx.section.trainer.get("accelerator_config", {}), "use_configured_state": True}
+    if ctx.config.distributed.deepspeed:
+        args["deepspeed"] = str(Path(ctx.config.distributed.deepspeed).resolve())
+    return args
+
+
+def evaluated_at_start(trainer, key: str):
+    """A metric of the baseline evaluation (eval_on_start, step 0). The checkpoints' trainer state keeps the log, so
+    a resumed stage still finds it."""
+    return next((entry[key] for entry in trainer.state.log_history if entry.get("step") == 0 and key in entry), None)
 
 
 def stage_defaults(config, has_eval: bool) -> dict:
@@ -121,8 +143,9 @@ def save_merged_base(ctx: StageContext, merged_model, tokenizer) -> Path:
     """Keep the weights an earlier adapter was merged into at <stage>/base: the stage's own adapter is trained on
     them, so they are what it must be loaded on later."""
     base_dir = ctx.stage_dir / "base"
-    if not (base_dir / "config.json").exists():
-        save_atomic(lambda out: (merged_model.save_pretrained(out), tokenizer.save_pretrained(out)), base_dir)
+    with main_process_first():  # in launched processes one writes it, the others then find it there
+        if not (base_dir / "config.json").exists():
+            save_atomic(lambda out: (merged_model.save_pretrained(out), tokenizer.save_pretrained(out)), base_dir)
     log(f"{ctx.name}: merged {ctx.init.description} into the base weights at {base_dir}")
     return base_dir
 
@@ -166,11 +189,7 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
 
     model, base_dir = load_training_model(ctx, tokenizer)
     trainer_keys = {**stage_defaults(ctx.config, has_eval=bool(eval_rows)), **ctx.section.trainer}
-    args = trainer_args(
-        SFTConfig, ctx.name, trainer_keys, ctx.config.seed,
-        output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{ctx.name}",
-        report_to=list(ctx.config.tracking.report_to) or "none",
-    )
+    args = trainer_args(SFTConfig, ctx.name, trainer_keys, ctx.config.seed, **managed_args(ctx, bool(eval_rows)))
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
@@ -179,11 +198,6 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the Rich panel and metrics.jsonl have them
     metrics = dict(data_metrics)
-    if eval_rows and ctx.resume_from is None:
-        # TRL's Rich progress bar only exists between train begin and end, so the baseline runs without it.
-        progress = trainer.pop_callback(RichProgressCallback)
-        ctx.record({"eval/loss_before": trainer.evaluate()["eval_loss"]})
-        trainer.add_callback(progress)
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
@@ -191,11 +205,26 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     metrics["train/steps"] = result.global_step
     if eval_rows:
         trainer.pop_callback(RichProgressCallback)
+        metrics["eval/loss_before"] = evaluated_at_start(trainer, "eval_loss")
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+    save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
     return metrics
+
+
+def save_trained(trainer, tokenizer, target: Path) -> None:
+    """save_atomic for a trainer's model. Every process calls trainer.save_model: under ZeRO-3 it gathers the sharded
+    weights (a collective all processes join), and the main process writes them."""
+    staging = target.with_name(f".{target.name}.tmp")
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if main:
+        tokenizer.save_pretrained(staging)
+        _replace(staging, target)
+    trainer.accelerator.wait_for_everyone()
 
 
 def save_atomic(save, target: Path) -> None:
@@ -203,6 +232,10 @@ def save_atomic(save, target: Path) -> None:
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     save(staging)
+    _replace(staging, target)
+
+
+def _replace(staging: Path, target: Path) -> None:
     if target.exists():
         warn(f"replacing {target}")
         shutil.rmtree(target)

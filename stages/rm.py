@@ -144,11 +144,8 @@ def run(ctx: StageContext) -> dict:
     if eval_rows and ctx.resume_from is None:
         before = evaluate(model, tokenizer, eval_rows, batch_size, limit)
         ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"]})
-    args = lm.trainer_args(
-        RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
-        output_dir=str(ctx.checkpoints_dir), run_name=f"{ctx.run_name}/{NAME}",
-        report_to=list(ctx.config.tracking.report_to) or "none",
-    )
+    args = lm.trainer_args(RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
+                           **lm.managed_args(ctx, has_eval=False))  # rm measures held-out accuracy itself
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_tok),
@@ -164,14 +161,14 @@ def run(ctx: StageContext) -> dict:
         after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
         metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
                         "rm/eval_ece": after["ece"]})
-        write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
+        if trainer.is_world_process_zero():
+            write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
         log(f"{NAME}: held-out accuracy {after['accuracy']:.1%} on {len(eval_rows)} pairs, mean margin "
             f"{after['margin']:.3f}, expected calibration error {after['ece']:.3f}")
         for row in after["calibration"]:
             log(f"  confidence {row['confidence']}: {row['pairs']:>4} pairs, accuracy "
                 f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.0%')}", markup=False)
-    if trainer.is_world_process_zero():
-        lm.save_atomic(lambda out: (trainer.save_model(str(out)), tokenizer.save_pretrained(out)), ctx.final_dir)
+    lm.save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))
     return metrics
 

@@ -59,25 +59,27 @@ def load_safetensors_dir(path: Path) -> dict:
 
 
 def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str]) -> str:
-    """Start `python -m pipeline *args`, SIGKILL it as soon as `stage` has a complete checkpoint; return its name."""
+    """Start `python -m pipeline *args`, SIGKILL it as soon as `stage` has a complete checkpoint; return its name.
+    The whole process group is killed, as a preemption would, launched processes included."""
     import signal
     import subprocess
     import sys
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = run_dir / stage / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
         if markers:
-            os.kill(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             # The newest complete checkpoint is the one a resume must pick.
             return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name
         time.sleep(0.02)
-    process.kill()
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
     pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")
 
 

@@ -81,10 +81,13 @@ def sample(module: ActorCritic, tokenizer, prompts: list[list[dict]], cfg: PPOTr
     module.use(ACTOR)
     torch.manual_seed(seed)
     # top_k=0: sample from the whole distribution, the one whose log-probabilities the loss uses.
+    # Under ZeRO-3 every forward gathers weights from all processes, so every process must keep stepping until the
+    # longest response anywhere is done (synced_gpus), or the ones that finished first would leave the others hanging.
+    sharded = any(hasattr(p, "ds_status") for p in module.parameters())
     output = module.peft_model.generate(
         input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded,
     )
     module.train(was_training)
     responses = output[:, queries.shape[1]:]

@@ -97,7 +97,7 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer):
     cfg = ctx.config.ppo.trainer
     module = build(ctx.config, base_dir, tokenizer)
     optimizer = torch.optim.AdamW(module.trainable_parameters, lr=cfg.learning_rate)
-    accelerator = Accelerator(log_with=_trackers(ctx) or None)
+    accelerator = Accelerator(log_with=_trackers(ctx) or None, deepspeed_plugin=_deepspeed(ctx, module))
     module, optimizer = accelerator.prepare(module, optimizer)
     register_checkpoint_hooks(accelerator, accelerator.unwrap_model(module))
     kl_controller = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
@@ -107,8 +107,9 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer):
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
         accelerator.load_state(str(ctx.resume_from))
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
+    if accelerator.is_main_process:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
     return accelerator, module, optimizer, progress
 
 
@@ -171,10 +172,13 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
 
     if eval_prompts:
         metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
-    if accelerator.is_main_process:
-        lm.save_atomic(lambda out: (save_adapter(actor, ACTOR, out), tokenizer.save_pretrained(out)), ctx.final_dir)
-        lm.save_atomic(lambda out: save_critic(actor, out), ctx.stage_dir / "critic")
-    if config.evaluation.prompts:
+    with gathered(actor.trainable_parameters):
+        if accelerator.is_main_process:
+            lm.save_atomic(lambda out: (save_adapter(actor, ACTOR, out), tokenizer.save_pretrained(out)),
+                           ctx.final_dir)
+            lm.save_atomic(lambda out: save_critic(actor, out), ctx.stage_dir / "critic")
+    accelerator.wait_for_everyone()
+    if config.evaluation.prompts and not config.distributed.enabled:  # launched: the runner evaluates
         from stages.evaluate import compare_with_start
 
         actor.use(ACTOR)  # the policy; with the adapters off, the same model is the starting policy
@@ -227,6 +231,44 @@ def _checkpoint(accelerator, path: Path) -> None:
         os.replace(staging, path)
         (path / COMPLETE_MARKER).write_text(f"{path.name}\n")
     accelerator.wait_for_everyone()
+
+
+def _deepspeed(ctx: StageContext, module):
+    """The DeepSpeed plugin for distributed.deepspeed, its "auto" values filled from ppo.trainer: accelerate fills them
+    from a prepared dataloader and the model's config, and this loop has neither."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    dist, cfg = ctx.config.distributed, ctx.config.ppo.trainer
+    if not dist.deepspeed:
+        return None
+    plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
+    ds = plugin.deepspeed_config
+    hidden = module.peft_model.get_base_model().config.hidden_size
+    # Each mini-batch is one optimiser step, its gradients averaged over the processes; clipping is DeepSpeed's.
+    filled = {"train_micro_batch_size_per_gpu": cfg.mini_batch_size, "gradient_accumulation_steps": 1,
+              "train_batch_size": cfg.mini_batch_size * dist.world_size, "gradient_clipping": cfg.max_grad_norm}
+    zero = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}  # the sizes transformers' Trainer picks
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for key, value in zero.items():
+        if ds.get("zero_optimization", {}).get(key) == "auto":
+            ds["zero_optimization"][key] = value
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW over the adapters and the value head
+    return plugin
+
+
+def gathered(params):
+    """Under ZeRO-3 each process holds a slice of every parameter: gather `params` whole (every process must enter)
+    for reading or saving them; otherwise nothing to do."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_status") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _trackers(ctx: StageContext) -> list:

@@ -1,0 +1,189 @@
+"""Running a stage in several processes: `accelerate launch` starts them, DeepSpeed shards the work between them.
+
+The runner stays one process: it decides, holds the run lock and writes the manifest. For a stage to train on
+several processes (distributed.num_processes, num_machines, deepspeed) it writes the stage's context to
+<stage>/launch.json and runs
+
+    accelerate launch --num_processes ... [--use_deepspeed --deepspeed_config_file ...] -m pipeline.launch launch.json
+
+Every process runs the same stage code; the trainers (and our PPO, through accelerate) split the batches, and only
+the main process writes files. The main process leaves the stage's metrics in <stage>/launch_result.json for the
+runner to record. On a multi-machine run the runner runs on machine 0, and for every stage it launches the other
+machines run the `accelerate launch ... --machine_rank <rank> -m pipeline.launch <stage>/launch.json` command it
+prints (the run directory on a filesystem they all share: DeepSpeed writes each process's checkpoint shard itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.artifacts import write_json_atomic
+from pipeline.config import DistributedConfig, RunConfig
+from pipeline.context import ModelSource, StageContext
+from pipeline.errors import PipelineError
+from pipeline.log import is_main_process, log
+
+SPEC = "launch.json"
+RESULT = "launch_result.json"
+PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
+
+
+# The stages that train in several processes when distributed launching is configured; the others (labelling by a
+# person, a file, an API or a rule) have nothing to shard and run in the runner's own process.
+LAUNCHED_STAGES = ("cpt", "sft", "rm", "dpo", "ppo")
+EVALUATED_STAGES = ("dpo", "ppo")  # compared with their starting policy afterwards (stages/evaluate.py)
+
+
+def launches(config: RunConfig, stage: str) -> bool:
+    return config.distributed.enabled and stage in LAUNCHED_STAGES
+
+
+def check_main_machine(config: RunConfig) -> None:
+    """The runner (decisions, lock, manifests) runs on machine 0 only; the other machines run the launch command it
+    prints for each stage."""
+    dist = config.distributed
+    if dist.machine_rank != 0:
+        raise PipelineError(
+            f"distributed.machine_rank is {dist.machine_rank}: run `python -m pipeline run` on machine 0 only. For "
+            f"each stage it launches it prints the command for the other machines (accelerate launch --machine_rank "
+            f"<rank> ... -m pipeline.launch <run-dir>/<stage>/launch.json): run that here with --machine_rank "
+            f"{dist.machine_rank}"
+        )
+
+
+def accelerate_command(dist: DistributedConfig, spec: Path) -> list[str]:
+    """The `accelerate launch` command line for one stage (the same flags README shows for launching by hand)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--num_processes", str(dist.world_size), "--num_machines", str(dist.num_machines),
+               "--machine_rank", str(dist.machine_rank), "--main_process_port", str(dist.main_process_port)]
+    if dist.main_process_ip:
+        command += ["--main_process_ip", dist.main_process_ip]
+    if dist.deepspeed:
+        command += ["--use_deepspeed", "--deepspeed_config_file", str(Path(dist.deepspeed).resolve())]
+        if dist.num_machines > 1:  # torchrun on every machine, rather than DeepSpeed's own pdsh/ssh launcher
+            command += ["--deepspeed_multinode_launcher", "standard"]
+    elif dist.world_size > 1:
+        command += ["--multi_gpu"]
+    return [*command, "-m", "pipeline.launch", str(spec)]
+
+
+def run_launched(ctx: StageContext) -> dict:
+    """Run ctx's stage under accelerate launch and return the metrics its main process reported."""
+    dist = ctx.config.distributed
+    spec, result = ctx.stage_dir / SPEC, ctx.stage_dir / RESULT
+    result.unlink(missing_ok=True)
+    write_json_atomic(spec, _context_to_dict(ctx))
+    command = accelerate_command(dist, spec)
+    log(f"{ctx.name}: launching {dist.world_size} processes on {dist.num_machines} machine(s)"
+        f"{' with DeepSpeed ' + dist.deepspeed if dist.deepspeed else ''}")
+    if dist.num_machines > 1:
+        other = " ".join(command[1:]).replace("--machine_rank 0", "--machine_rank <rank>")
+        log(f"{ctx.name}: on each other machine, with its own rank, run: python {other}", markup=False)
+    # A Ctrl-C reaches the launcher too (same process group), and it stops its processes; if the runner is killed
+    # outright, the launcher gets SIGTERM from the kernel and does the same.
+    returncode = subprocess.run(command, check=False, preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode
+    if returncode != 0:
+        raise PipelineError(f"{ctx.name} failed in its launched processes (exit code {returncode}); their output "
+                            f"is above. Run the same command again to resume from the newest complete checkpoint")
+    if not result.exists():
+        if dist.machine_rank != 0:
+            return {}  # machine 0 records the results
+        raise PipelineError(f"{ctx.name}: the launched processes exited without writing {result}")
+    metrics = json.loads(result.read_text(encoding="utf-8"))
+    if ctx.name in EVALUATED_STAGES:
+        from stages.evaluate import compare_saved
+
+        # Here, on the saved result: sampling from a model sharded over the processes is slow and hang-prone.
+        metrics.update(compare_saved(ctx))
+    return metrics
+
+
+def _context_to_dict(ctx: StageContext) -> dict:
+    return {
+        "stage": ctx.name, "config": str(ctx.run_dir / "config.yaml"), "stage_dir": str(ctx.stage_dir),
+        "init": ctx.init.to_dict() if ctx.init else None, "run_name": ctx.run_name,
+        "resume_from": str(ctx.resume_from) if ctx.resume_from else None,
+        "data_from": str(ctx.data_from) if ctx.data_from else None, "run_dir": str(ctx.run_dir),
+    }
+
+
+def _context_from_dict(spec: dict, config: RunConfig) -> StageContext:
+    init = spec["init"]
+    source = (ModelSource(Path(init["base"]), Path(init["adapter"]) if init["adapter"] else None, init["description"])
+              if init else None)
+    return StageContext(spec["stage"], config, Path(spec["stage_dir"]), source, spec["run_name"],
+                        Path(spec["resume_from"]) if spec["resume_from"] else None,
+                        Path(spec["data_from"]) if spec["data_from"] else None, Path(spec["run_dir"]))
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """In launched processes the main one runs the block first (writing a file they all read, say) and the others
+    wait for it, then run it; in a single process, just the block."""
+    import torch.distributed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux; elsewhere a no-op). torchrun starts each
+    process in a session of its own, so killing the runner's process group (preemption, the OOM killer) would leave
+    them training on and writing into the run directory that the next run resumes from."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def _start_process_group() -> None:
+    """Join the launched processes once, for every trainer in this process to use (the stages pass
+    accelerator_config.use_configured_state). On a machine without GPUs accelerate 1.15 picks no backend for DeepSpeed
+    and then counts a single process, so every rank would think it is rank 0 of 1; naming gloo there avoids that."""
+    import torch
+    from accelerate import PartialState
+
+    PartialState(backend=None if torch.cuda.is_available() else "gloo")
+
+
+def worker(spec_path: Path) -> int:
+    """One launched process: run the stage; the main process writes its metrics for the runner."""
+    from pipeline.config import load_config
+    from stages import STAGES
+
+    die_with_parent(signal.SIGKILL)
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    config = load_config(spec["config"])
+    ctx = _context_from_dict(spec, config)
+    _start_process_group()
+    try:
+        metrics = STAGES[ctx.name].run(ctx)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if is_main_process():
+        write_json_atomic(ctx.stage_dir / RESULT, metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(worker(Path(sys.argv[1])))

@@ -1,0 +1,145 @@
+"""Two CPU processes under DeepSpeed (gloo), launched by the pipeline through `accelerate launch`, exactly as README's
+multi-GPU command does: sft, rm and dpo train under ZeRO-2 and ZeRO-3, their adapters hold real trained weights, and a
+killed two-process run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline
+
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def _args(run_dir, zero: str, *stages: str, processes: int = 2) -> list[str]:
+    return ["run", "--config", SMOKE, "--run-dir", str(run_dir), *(f"--stage={s}" for s in stages),
+            "--set", f"distributed.num_processes={processes}",
+            "--set", f"distributed.deepspeed=configs/deepspeed/{zero}.json",
+            "--set", f"distributed.main_process_port={_free_port()}",
+            "--set", "evaluation.prompts="]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _manifest(run_dir, stage) -> dict:
+    return json.loads((run_dir / stage / "stage.json").read_text())
+
+
+def _assert_trained_adapter(final_dir) -> None:
+    """Every tensor saved has its full shape (ZeRO-3 leaves empty ones unless gathered) and every LoRA B moved."""
+    adapter = load_safetensors_dir(final_dir)
+    assert adapter and all(t.numel() > 0 for t in adapter.values()), "empty tensors in the saved adapter"
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(t) for t in lora_b), "a LoRA B matrix is still at its zero init"
+
+
+SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", "dpo", "ppo")]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_every_training_stage_in_two_processes(tmp_path, zero):
+    run_dir = tmp_path / "run"
+    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo"), *SHORT,
+                 "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2")
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        manifest = _manifest(run_dir, stage)
+        assert manifest["status"] == "completed" and manifest["world_size"] == 2
+        assert manifest["deepspeed"].endswith(f"{zero}.json")
+        _assert_trained_adapter(run_dir / stage / "final")
+    assert _manifest(run_dir, "sft")["metrics"]["eval/loss"] < _manifest(run_dir, "sft")["metrics"]["eval/loss_before"]
+    _assert_trained_adapter(run_dir / "ppo" / "critic")  # the critic adapter and the value head
+    # dpo and ppo are compared with their starting policy by the runner, on the saved results.
+    for stage in ("dpo", "ppo"):
+        metrics = _manifest(run_dir, stage)["metrics"]
+        assert metrics["eval/wins"] + metrics["eval/ties"] + metrics["eval/losses"] == 2
+        assert metrics["eval/kl_to_start"] is not None
+    # Only the main process wrote the logs: one record per logged step.
+    steps = [json.loads(line)["step"] for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+    # The adapter reloads in plain PEFT on its recorded base and changes the model's output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft = _manifest(run_dir, "sft")
+    base = AutoModelForCausalLM.from_pretrained(sft["base_model"])
+    model = PeftModel.from_pretrained(base, run_dir / "sft" / "final")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base)
+
+
+@pytest.mark.timeout(900)
+def test_killed_two_process_run_resumes_and_refuses_another_process_count(tmp_path):
+    def args(run_dir, processes=2):
+        return [*_args(run_dir, "zero2", "sft", processes=processes), "--set", "sft.trainer.max_steps=6",
+                "--set", "sft.trainer.save_steps=2"]
+
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    run_pipeline(*args(reference))
+    newest = kill_after_first_checkpoint("sft", run_dir, args(run_dir))
+
+    refused = run_pipeline(*args(run_dir, processes=1), check=False)
+    assert refused.returncode == 2
+    assert "written by 2 DeepSpeed process(es) and this run has 1" in " ".join(refused.stderr.split())
+
+    result = run_pipeline(*args(run_dir))
+    assert f"resuming from {newest}" in " ".join(result.stderr.split())
+    manifest = _manifest(run_dir, "sft")
+    assert manifest["status"] == "completed" and manifest["metrics"]["train/steps"] == 6
+    assert manifest["resumed_from"] == newest
+    _assert_trained_adapter(run_dir / "sft" / "final")
+    diff = max_abs_diff(reference / "sft" / "final", run_dir / "sft" / "final")
+    assert diff <= 1e-6, f"the resumed two-process run differs from the uninterrupted one by {diff}"
+
+
+@pytest.mark.timeout(600)
+def test_two_machines_run_a_stage_through_the_printed_launch_command(tmp_path):
+    """Two "machines" of one process each on this host: machine 0 runs the pipeline, machine 1 the command it prints."""
+    import subprocess
+    import sys
+    import time
+
+    run_dir, log_path = tmp_path / "run", tmp_path / "machine0.log"
+    args = ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "sft",
+            "--set", "distributed.num_machines=2", "--set", "distributed.main_process_ip=127.0.0.1",
+            "--set", f"distributed.main_process_port={_free_port()}",
+            "--set", "distributed.deepspeed=configs/deepspeed/zero2.json", "--set", "sft.trainer.max_steps=2"]
+    refused = run_pipeline(*args, "--set", "distributed.machine_rank=1", check=False)
+    assert refused.returncode == 2 and "run `python -m pipeline run` on machine 0 only" in refused.stderr
+
+    with open(log_path, "w") as log_file:
+        machine0 = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, stderr=log_file,
+                                    stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        command, deadline = None, time.time() + 120
+        while command is None and time.time() < deadline and machine0.poll() is None:
+            marker = "on each other machine, with its own rank, run: python "
+            lines = [line for line in log_path.read_text().splitlines() if marker in line]
+            command = lines[0].split(marker, 1)[1].replace("<rank>", "1").split() if lines else None
+            time.sleep(0.2)
+        assert command, f"machine 0 printed no launch command:\n{log_path.read_text()[-3000:]}"
+        machine1 = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=400,
+                                  check=False)
+        assert machine1.returncode == 0, machine1.stderr[-3000:]
+        assert machine0.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if machine0.poll() is None:
+            os.killpg(machine0.pid, signal.SIGKILL)
+    manifest = _manifest(run_dir, "sft")
+    assert manifest["status"] == "completed" and manifest["world_size"] == 2
+    _assert_trained_adapter(run_dir / "sft" / "final")
