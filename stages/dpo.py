@@ -125,9 +125,9 @@ def run(ctx: StageContext) -> dict:
     if held_out:
         trainer.pop_callback(RichProgressCallback)
         after = trainer.evaluate()
-        metrics.update({"dpo/eval_accuracy_before": lm.evaluated_at_start(trainer, "eval_rewards/accuracies"),
-                        "dpo/eval_margin_before": lm.evaluated_at_start(trainer, "eval_rewards/margins"),
-                        "dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
+        metrics.update(lm.evaluated_at_start(trainer, {"dpo/eval_accuracy_before": "eval_rewards/accuracies",
+                                                       "dpo/eval_margin_before": "eval_rewards/margins"}))
+        metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
                         "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss")})
         log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
             f"{metrics['dpo/eval_margin']:.3f}")

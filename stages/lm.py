@@ -75,10 +75,13 @@ def managed_args(ctx: StageContext, has_eval: bool) -> dict:
     return args
 
 
-def evaluated_at_start(trainer, key: str):
-    """A metric of the baseline evaluation (eval_on_start, step 0). The checkpoints' trainer state keeps the log, so
-    a resumed stage still finds it."""
-    return next((entry[key] for entry in trainer.state.log_history if entry.get("step") == 0 and key in entry), None)
+def evaluated_at_start(trainer, names: dict) -> dict:
+    """{our name: value} for the trainer's metrics `names` maps to, from the baseline evaluation (eval_on_start, at
+    step 0). Checkpoints keep the log, so a resumed stage still finds them; one resumed from a checkpoint written
+    without them keeps what the manifest already holds."""
+    start = next((entry for entry in trainer.state.log_history
+                  if entry.get("step") == 0 and any(key.startswith("eval_") for key in entry)), {})
+    return {ours: start[theirs] for ours, theirs in names.items() if theirs in start}
 
 
 def stage_defaults(config, has_eval: bool) -> dict:
@@ -205,7 +208,7 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     metrics["train/steps"] = result.global_step
     if eval_rows:
         trainer.pop_callback(RichProgressCallback)
-        metrics["eval/loss_before"] = evaluated_at_start(trainer, "eval_loss")
+        metrics.update(evaluated_at_start(trainer, {"eval/loss_before": "eval_loss"}))
         metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
     save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
