@@ -88,3 +88,18 @@ def max_abs_diff(expected_dir: Path, actual_dir: Path) -> float:
     expected, actual = load_safetensors_dir(expected_dir), load_safetensors_dir(actual_dir)
     assert expected.keys() == actual.keys()
     return max((expected[k] - actual[k]).abs().max().item() for k in expected)
+
+
+def assert_adapter_changes_output(base_model: str, adapter_dir: Path) -> None:
+    """The adapter loads with plain PEFT on its recorded base, and switching it off changes the model's output."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), adapter_dir)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            reference = model(ids).logits
+    assert not torch.allclose(tuned, reference)

@@ -77,6 +77,11 @@ class ActorCritic(nn.Module):
         return output.logits[:, :-1]
 
 
+def zero3_sharded(params) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds these parameters in slices across processes (its parameters carry ds_status)."""
+    return any(hasattr(p, "ds_status") for p in params)
+
+
 def lora_config(config: RunConfig):
     """The actor's and the critic's adapter config (both from `peft`); refuses what PPO cannot train yet."""
     from pipeline.models import peft_config_for

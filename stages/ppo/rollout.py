@@ -17,7 +17,7 @@ from pipeline.config import PPOTrainerConfig
 from pipeline.errors import PipelineError
 from pipeline.render import prompt_ids
 from stages.ppo.losses import logprobs_from_logits
-from stages.ppo.model import ACTOR, ActorCritic
+from stages.ppo.model import ACTOR, ActorCritic, zero3_sharded
 
 # (prompt messages, response texts) -> one score per response
 RewardFunction = Callable[[list[list[dict]], list[str]], list[float]]
@@ -83,7 +83,7 @@ def sample(module: ActorCritic, tokenizer, prompts: list[list[dict]], cfg: PPOTr
     # top_k=0: sample from the whole distribution, the one whose log-probabilities the loss uses.
     # Under ZeRO-3 every forward gathers weights from all processes, so every process must keep stepping until the
     # longest response anywhere is done (synced_gpus), or the ones that finished first would leave the others hanging.
-    sharded = any(hasattr(p, "ds_status") for p in module.parameters())
+    sharded = zero3_sharded(module.parameters())
     output = module.peft_model.generate(
         input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,

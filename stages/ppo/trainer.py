@@ -30,6 +30,7 @@ from stages.ppo.model import (
     register_checkpoint_hooks,
     save_adapter,
     save_critic,
+    zero3_sharded,
 )
 from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
 
@@ -264,7 +265,7 @@ def gathered(params):
     for reading or saving them; otherwise nothing to do."""
     import contextlib
 
-    if not any(hasattr(p, "ds_status") for p in params):
+    if not zero3_sharded(params):
         return contextlib.nullcontext()
     import deepspeed
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline
+from conftest import (
+    REPO, assert_adapter_changes_output, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline,
+)
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 
@@ -27,17 +29,7 @@ def test_dpo_trains_a_lora_adapter_against_its_own_base(tmp_path):
     assert lora_b and all(torch.count_nonzero(t) for t in lora_b), "every LoRA B matrix moved off its zero init"
 
     # The adapter reloads with plain PEFT on the recorded base: the reference is that base alone.
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(manifest["base_model"]),
-                                      tmp_path / "run" / "dpo" / "final")
-    ids = torch.tensor([[1, 2, 3, 4]])
-    with torch.no_grad():
-        tuned = model(ids).logits
-        with model.disable_adapter():
-            reference = model(ids).logits
-    assert not torch.allclose(tuned, reference)
+    assert_adapter_changes_output(manifest["base_model"], tmp_path / "run" / "dpo" / "final")
 
 
 def test_dpo_killed_resumes_and_matches_uninterrupted(tmp_path):
