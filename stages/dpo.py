@@ -118,10 +118,7 @@ def run(ctx: StageContext) -> dict:
         callbacks=[*ctx.callbacks(), RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)
-    if ctx.resume_from is not None:
-        log(f"{NAME}: resuming from {ctx.resume_from}")
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics.update({"train/loss": result.training_loss, "train/steps": result.global_step})
+    metrics.update(lm.run_training(ctx, trainer))
     if held_out:
         trainer.pop_callback(RichProgressCallback)
         after = trainer.evaluate()

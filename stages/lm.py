@@ -200,12 +200,7 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
         callbacks=[*ctx.callbacks(), RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the Rich panel and metrics.jsonl have them
-    metrics = dict(data_metrics)
-    if ctx.resume_from is not None:
-        log(f"{ctx.name}: resuming from {ctx.resume_from}")
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics["train/loss"] = result.training_loss
-    metrics["train/steps"] = result.global_step
+    metrics = {**data_metrics, **run_training(ctx, trainer)}
     if eval_rows:
         trainer.pop_callback(RichProgressCallback)
         metrics.update(evaluated_at_start(trainer, {"eval/loss_before": "eval_loss"}))
@@ -213,6 +208,48 @@ def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[
     save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
     return metrics
+
+
+def run_training(ctx: StageContext, trainer) -> dict:
+    """trainer.train(), from ctx.resume_from when the runner resumes; train/loss and train/steps of the whole run."""
+    if ctx.resume_from is None:
+        result = trainer.train()
+        return {"train/loss": result.training_loss, "train/steps": result.global_step}
+    log(f"{ctx.name}: resuming from {ctx.resume_from}")
+    _stop_at_max_steps(trainer)
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from))
+    # The trainer averages the loss over the steps of this call only (none at all after a resume from the last
+    # checkpoint); the log history the checkpoint carried covers the whole run.
+    loss = logged_training_loss(trainer.state.log_history)
+    return {"train/loss": result.training_loss if loss is None else loss, "train/steps": result.global_step}
+
+
+def _stop_at_max_steps(trainer) -> None:
+    """transformers checks max_steps only after an optimiser step, so resuming from the checkpoint written at the
+    last step trains one step more than asked (and every further resume one more). Skip the epoch loop once the
+    run is there; evaluation and saving then proceed as after a normal last step."""
+    run_epoch = getattr(trainer, "_run_epoch", None)
+    if run_epoch is None:  # a transformers without this method: fail loudly rather than over-train silently
+        raise RuntimeError("transformers' Trainer has no _run_epoch any more: update stages.lm._stop_at_max_steps")
+
+    def run_epoch_unless_done(*args, **kwargs):
+        if trainer.state.global_step >= trainer.state.max_steps > 0:
+            trainer.control.should_training_stop = True
+            return None
+        return run_epoch(*args, **kwargs)
+
+    trainer._run_epoch = run_epoch_unless_done
+
+
+def logged_training_loss(log_history: list[dict]) -> float | None:
+    """The mean per-step training loss over a trainer's log: each logged loss averages the steps since the last."""
+    total = steps = previous = 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total += entry["loss"] * (entry["step"] - previous)
+            steps += entry["step"] - previous
+            previous = entry["step"]
+    return total / steps if steps else None
 
 
 def save_trained(trainer, tokenizer, target: Path) -> None:

@@ -153,10 +153,7 @@ def run(ctx: StageContext) -> dict:
         callbacks=[*ctx.callbacks(), RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)
-    if ctx.resume_from is not None:
-        log(f"{NAME}: resuming from {ctx.resume_from}")
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    metrics.update({"train/loss": result.training_loss, "train/steps": result.global_step})
+    metrics.update(lm.run_training(ctx, trainer))
     if eval_rows:
         after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
         metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
