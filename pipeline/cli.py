@@ -1,4 +1,5 @@
-"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal)."""
+"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal), join
+(the other machines of a multi-machine run)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal")
     label.add_argument("--run-dir", required=True)
     label.add_argument("--judge-name", default="human", help="recorded in every label as its judge (default: human)")
+    join = commands.add_parser("join", help="on machine 1, 2...: run this machine's part of every stage machine 0's "
+                                            "`run` launches (multi-machine runs; shared run directory)")
+    join.add_argument("--run-dir", required=True)
+    join.add_argument("--machine-rank", type=int, required=True, help="this machine's rank: 1 .. num_machines-1")
+    join.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up if no run has ended within this time (default: follow until one does)")
     return parser
 
 
@@ -146,7 +153,14 @@ def cmd_label(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label}
+def cmd_join(args) -> int:
+    from pipeline.join import follow
+
+    return follow(Path(args.run_dir), args.machine_rank, args.timeout)
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label,
+            "join": cmd_join}
 
 if __name__ == "__main__":
     sys.exit(main())

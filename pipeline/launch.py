@@ -10,7 +10,8 @@ Every process runs the same stage code; the trainers (and our PPO, through accel
 the main process writes files. The main process leaves the stage's metrics in <stage>/launch_result.json for the
 runner to record. On a multi-machine run the runner runs on machine 0, and for every stage it launches the other
 machines run the `accelerate launch ... --machine_rank <rank> -m pipeline.launch <stage>/launch.json` command it
-prints (the run directory on a filesystem they all share: DeepSpeed writes each process's checkpoint shard itself).
+prints, or `python -m pipeline join` does it for them (pipeline/join.py; the run directory on a filesystem they all
+share: DeepSpeed writes each process's checkpoint shard itself).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import DistributedConfig, RunConfig
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import PipelineError
+from pipeline.join import current_run_id
 from pipeline.log import is_main_process, log
 
 SPEC = "launch.json"
@@ -52,10 +55,9 @@ def check_main_machine(config: RunConfig) -> None:
     dist = config.distributed
     if dist.machine_rank != 0:
         raise PipelineError(
-            f"distributed.machine_rank is {dist.machine_rank}: run `python -m pipeline run` on machine 0 only. For "
-            f"each stage it launches it prints the command for the other machines (accelerate launch --machine_rank "
-            f"<rank> ... -m pipeline.launch <run-dir>/<stage>/launch.json): run that here with --machine_rank "
-            f"{dist.machine_rank}"
+            f"distributed.machine_rank is {dist.machine_rank}: run `python -m pipeline run` on machine 0 only, and "
+            f"here `python -m pipeline join --run-dir <run-dir> --machine-rank {dist.machine_rank}`, which runs this "
+            f"machine's part of every stage machine 0 launches"
         )
 
 
@@ -80,13 +82,17 @@ def run_launched(ctx: StageContext) -> dict:
     dist = ctx.config.distributed
     spec, result = ctx.stage_dir / SPEC, ctx.stage_dir / RESULT
     result.unlink(missing_ok=True)
-    write_json_atomic(spec, _context_to_dict(ctx))
+    # launch_id tells a joining machine this launch from the stage's earlier ones; run_id, from the run in progress.
+    write_json_atomic(spec, {**_context_to_dict(ctx), "launch_id": uuid.uuid4().hex[:12],
+                             "run_id": current_run_id(ctx.run_dir)})
     command = accelerate_command(dist, spec)
     log(f"{ctx.name}: launching {dist.world_size} processes on {dist.num_machines} machine(s)"
         f"{' with DeepSpeed ' + dist.deepspeed if dist.deepspeed else ''}")
     if dist.num_machines > 1:
         other = " ".join(command[1:]).replace("--machine_rank 0", "--machine_rank <rank>")
-        log(f"{ctx.name}: on each other machine, with its own rank, run: python {other}", markup=False)
+        log(f"{ctx.name}: waiting for the other machines: `python -m pipeline join --run-dir {ctx.run_dir} "
+            f"--machine-rank <rank>` there joins every stage; or, for this stage alone, run: python {other}",
+            markup=False)
     # A Ctrl-C reaches the launcher too (same process group), and it stops its processes; if the runner is killed
     # outright, the launcher gets SIGTERM from the kernel and does the same.
     returncode = subprocess.run(command, check=False, preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import launch, tracking
+from pipeline import join, launch, tracking
 from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
@@ -231,7 +231,7 @@ class Runner:
         launch.check_main_machine(self.config)
         preflight(self.config, names)
         summary = []
-        with RunLock(self.run_dir):
+        with RunLock(self.run_dir), join.announced(self.run_dir, self.config):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             for name in names:
                 decision = self.decide(name, set())

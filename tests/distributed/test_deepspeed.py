@@ -98,38 +98,35 @@ def test_killed_two_process_run_resumes_and_refuses_another_process_count(tmp_pa
 
 
 @pytest.mark.timeout(600)
-def test_two_machines_run_a_stage_through_the_printed_launch_command(tmp_path):
-    """Two "machines" of one process each on this host: machine 0 runs the pipeline, machine 1 the command it prints."""
+def test_two_machines_machine_1_joins_every_stage_machine_0_launches(tmp_path):
+    """Two "machines" of one process each on this host: machine 1 runs `join` first (as a job scheduler starts every
+    node at once) and takes its part in each stage machine 0's `run` launches, then exits with machine 0's result."""
     import subprocess
     import sys
-    import time
 
-    run_dir, log_path = tmp_path / "run", tmp_path / "machine0.log"
-    args = ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "sft",
+    run_dir = tmp_path / "run"
+    args = ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "cpt", "--stage", "sft",
             "--set", "distributed.num_machines=2", "--set", "distributed.main_process_ip=127.0.0.1",
             "--set", f"distributed.main_process_port={_free_port()}",
-            "--set", "distributed.deepspeed=configs/deepspeed/zero2.json", "--set", "sft.trainer.max_steps=2"]
+            "--set", "distributed.deepspeed=configs/deepspeed/zero2.json",
+            "--set", "cpt.trainer.max_steps=2", "--set", "sft.trainer.max_steps=2"]
     refused = run_pipeline(*args, "--set", "distributed.machine_rank=1", check=False)
-    assert refused.returncode == 2 and "run `python -m pipeline run` on machine 0 only" in refused.stderr
+    assert refused.returncode == 2 and "python -m pipeline join --run-dir" in " ".join(refused.stderr.split())
 
-    with open(log_path, "w") as log_file:
-        machine0 = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, stderr=log_file,
-                                    stdout=subprocess.DEVNULL, start_new_session=True)
+    machine1 = subprocess.Popen([sys.executable, "-m", "pipeline", "join", "--run-dir", str(run_dir),
+                                 "--machine-rank", "1", "--timeout", "500"], cwd=REPO, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        command, deadline = None, time.time() + 120
-        while command is None and time.time() < deadline and machine0.poll() is None:
-            marker = "on each other machine, with its own rank, run: python "
-            lines = [line for line in log_path.read_text().splitlines() if marker in line]
-            command = lines[0].split(marker, 1)[1].replace("<rank>", "1").split() if lines else None
-            time.sleep(0.2)
-        assert command, f"machine 0 printed no launch command:\n{log_path.read_text()[-3000:]}"
-        machine1 = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=400,
-                                  check=False)
-        assert machine1.returncode == 0, machine1.stderr[-3000:]
-        assert machine0.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        machine0 = run_pipeline(*args, check=False)
+        joined = machine1.communicate(timeout=120)[0]
     finally:
-        if machine0.poll() is None:
-            os.killpg(machine0.pid, signal.SIGKILL)
-    manifest = _manifest(run_dir, "sft")
-    assert manifest["status"] == "completed" and manifest["world_size"] == 2
-    _assert_trained_adapter(run_dir / "sft" / "final")
+        if machine1.poll() is None:
+            os.killpg(machine1.pid, signal.SIGKILL)
+    assert machine0.returncode == 0, machine0.stderr[-3000:]
+    assert machine1.returncode == 0, joined[-3000:]
+    assert "pipeline join --run-dir" in " ".join(machine0.stderr.split())
+    for stage in ("cpt", "sft"):
+        assert f"{stage}: joining as machine 1 of 2" in joined
+        manifest = _manifest(run_dir, stage)
+        assert manifest["status"] == "completed" and manifest["world_size"] == 2
+        _assert_trained_adapter(run_dir / stage / "final")
