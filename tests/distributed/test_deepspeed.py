@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -48,12 +49,30 @@ def _assert_trained_adapter(final_dir) -> None:
 SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", "dpo", "ppo")]
 
 
+def _model_that_often_stops_at_once(tmp_path, tiny_model_dir) -> str:
+    """The tiny model with a generation config that favours its end-of-turn token: responses of 1 to ~5 tokens, so
+    the processes sample responses of different lengths, many of them empty (the end-of-turn token alone)."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "stops-early"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    config_path.write_text(json.dumps({**config, "sequence_bias": [[[eos], 10.0]]}))
+    return str(model_dir)
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_every_training_stage_in_two_processes(tmp_path, zero):
+def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
+    """Under ZeRO-3 every forward gathers weights from both processes, so one that finished sampling must keep
+    stepping while the other samples on: the ZeRO-3 run uses a model whose responses are often empty."""
     run_dir = tmp_path / "run"
+    model = _model_that_often_stops_at_once(tmp_path, tiny_model_dir) if zero == "zero3" else "tiny-random-smollm2"
     run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo"), *SHORT,
-                 "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2")
+                 "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2",
+                 "--set", f"model.name_or_path={model}")
     for stage in ("sft", "rm", "dpo", "ppo"):
         manifest = _manifest(run_dir, stage)
         assert manifest["status"] == "completed" and manifest["world_size"] == 2
@@ -71,6 +90,10 @@ def test_every_training_stage_in_two_processes(tmp_path, zero):
     assert steps == [1, 2]
 
     assert_adapter_changes_output(_manifest(run_dir, "sft")["base_model"], run_dir / "sft" / "final")
+    if zero == "zero3":
+        responses = [row["response"] for line in (run_dir / "ppo" / "samples.jsonl").read_text().splitlines()
+                     for row in json.loads(line)["samples"]]
+        assert "" in responses and any(responses), f"expected empty and non-empty responses, got {responses}"
 
 
 @pytest.mark.timeout(900)
