@@ -1,4 +1,4 @@
-"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal)."""
+"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal), report."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal")
     label.add_argument("--run-dir", required=True)
     label.add_argument("--judge-name", default="human", help="recorded in every label as its judge (default: human)")
+    report = commands.add_parser("report", help="write <run-dir>/report.md and report.html (plots, numbers, samples)")
+    report.add_argument("--run-dir", required=True)
     return parser
 
 
@@ -146,7 +148,19 @@ def cmd_label(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label}
+def cmd_report(args) -> int:
+    from pipeline.report import write
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError(f"no run directory at {run_dir}")
+    for path in write(run_dir):
+        out.print(str(path))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label,
+            "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())
