@@ -28,7 +28,7 @@ def _grid(panels: int, width: float = 4.2, height: float = 3.0) -> tuple[Figure,
     for unused in axes[panels:]:
         unused.set_visible(False)
     for axis in axes[:panels]:
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and iterations
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps: no 0.5 ticks, even for one
         axis.ticklabel_format(axis="y", useOffset=False)  # flat curves (a tiny model's loss) read as plain values
     return figure, list(axes[:panels])
 

@@ -171,9 +171,11 @@ def ppo_section(stage: Stage) -> Section | None:
     if "ppo/reward_mean" not in curves:
         return None
     m = stage.metrics
-    rows = [["reward (KL-penalised), first → last iteration", _change(m.get("ppo/reward_mean_first"),
-                                                                      m.get("ppo/reward_mean"))],
-            ["KL to the reference at the last iteration", _num(m.get("ppo/kl"))],
+    # The manifest has the last iteration's numbers once the stage completes; until then, the last logged ones.
+    rewards, kl = curves["ppo/reward_mean"][1], curves.get("ppo/kl", ([], [None]))[1]
+    rows = [["reward (KL-penalised), first → last iteration",
+             _change(m.get("ppo/reward_mean_first", rewards[0]), m.get("ppo/reward_mean", rewards[-1]))],
+            ["KL to the reference at the last iteration", _num(m.get("ppo/kl", kl[-1]))],
             ["held-out score, before → after", _change(m.get("eval/score_mean_before"), m.get("eval/score_mean"))]]
     return Section("PPO: reward and KL", [
         Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
