@@ -138,10 +138,15 @@ def summary_section(stages: list[Stage]) -> Section:
         elapsed = manifest.get("duration_s")
         if elapsed is None and manifest["status"] == "running" and manifest.get("started_at"):
             elapsed = time.time() - manifest["started_at"]
-        rows.append([stage.name, manifest["status"], _duration(elapsed), _num(steps), _num(metrics.get("train/loss")),
+        status = manifest["status"]
+        if manifest.get("resumed_from"):
+            status += f", resumed from {manifest['resumed_from']}"  # the time is then that last attempt's
+        rows.append([stage.name, status, _duration(elapsed), _num(steps), _num(metrics.get("train/loss")),
                      headline(metrics) or "–"])
-    table = Table(["stage", "status", "time", "steps", "train loss", "key metric (before → after)"], rows)
-    return Section("Stages", [table])
+    blocks = [Table(["stage", "status", "time", "steps", "train loss", "key metric (before → after)"], rows)]
+    blocks += [f"{stage.name} stopped with: {stage.manifest['error']}" for stage in stages
+               if stage.manifest.get("error")]
+    return Section("Stages", blocks)
 
 
 def loss_section(stages: list[Stage]) -> Section | None:

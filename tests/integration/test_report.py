@@ -91,16 +91,17 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
 
 
 def test_a_partial_run_reports_what_it_has(run_dir, tmp_path, capsys):
-    """rm interrupted after its first logged step (no final metrics, no calibration), dpo without samples, ppo never
-    run: the report keeps what is there and leaves the rest out."""
+    """rm interrupted after its first logged step (no final metrics, no calibration), dpo failed before its
+    evaluation, ppo never run: the report keeps what is there and leaves the rest out."""
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("base", "checkpoints", "*.safetensors"))
     shutil.rmtree(partial / "ppo")
     (partial / "dpo" / "eval_samples.jsonl").unlink()
     (partial / "rm" / "calibration.json").unlink()
-    rm = json.loads((partial / "rm" / "stage.json").read_text())
-    rm.update(status="running", metrics={}, duration_s=None)
-    (partial / "rm" / "stage.json").write_text(json.dumps(rm))
+    for name, update in (("rm", {"status": "running"}), ("dpo", {"status": "failed", "error": "out of memory"})):
+        manifest = json.loads((partial / name / "stage.json").read_text())
+        manifest.update(update, metrics={}, duration_s=None)
+        (partial / name / "stage.json").write_text(json.dumps(manifest))
     metrics_file = partial / "rm" / "metrics.jsonl"
     metrics_file.write_text(metrics_file.read_text().splitlines()[0] + "\n" + '{"step": 2, "lo')  # torn last line
     (partial / "report.md").unlink()
@@ -109,9 +110,10 @@ def test_a_partial_run_reports_what_it_has(run_dir, tmp_path, capsys):
     assert capsys.readouterr().out.split() == [str(partial / "report.md"), str(partial / "report.html")]
     markdown = (partial / "report.md").read_text()
     assert [line[3:] for line in markdown.splitlines() if line.startswith("## ")] == [
-        "Stages", "Training curves", "Win rate over the starting policy", "Preference labels and judge agreement"]
+        "Stages", "Training curves", "Preference labels and judge agreement"]
     # No process holds the run's lock, so the 'running' rm was interrupted; its steps so far come from its log.
     assert table_row(markdown, "rm")[1:4] == ["interrupted", "–", "1 so far"]
+    assert table_row(markdown, "dpo")[1] == "failed" and "dpo stopped with: out of memory" in markdown
     assert "| ppo |" not in markdown
 
     empty = tmp_path / "empty"
