@@ -167,7 +167,7 @@ def loss_section(stages: list[Stage]) -> Section | None:
     return Section("Training curves", [text, Plot("loss per stage", plots.loss_curves(curves))])
 
 
-def ppo_section(stage: Stage) -> Section | None:
+def ppo_section(stage: Stage, run_dir: Path) -> Section | None:
     from pipeline import plots
 
     keys = ("ppo/reward_mean", "ppo/reward_std", "ppo/score_mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy",
@@ -182,10 +182,18 @@ def ppo_section(stage: Stage) -> Section | None:
              _change(m.get("ppo/reward_mean_first", rewards[0]), m.get("ppo/reward_mean", rewards[-1]))],
             ["KL to the reference at the last iteration", _num(m.get("ppo/kl", kl[-1]))],
             ["held-out score, before → after", _change(m.get("eval/score_mean_before"), m.get("eval/score_mean"))]]
-    return Section("PPO: reward and KL", [
-        Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
-        Plot("PPO per iteration", plots.ppo_curves(curves)),
-    ])
+    blocks = [Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
+              Plot("PPO per iteration", plots.ppo_curves(curves))]
+    tables = read_jsonl(run_dir / stage.name / "samples.jsonl")
+    if tables:
+        # What the reward is paying for right now: rising reward on one repeated answer is reward hacking.
+        last = tables[-1]
+        blocks += [f"Responses sampled at iteration {last['step']} (ppo/samples.jsonl has a table every "
+                   "sample_every iterations):",
+                   Table(["prompt", "response", "score", "reward (KL-penalised)"],
+                         [[_clip(row["prompt"][-1]["content"]), _clip(row["response"]), _num(row["score"], 3),
+                           _num(row["reward"], 3)] for row in last["samples"][:SAMPLES_SHOWN]])]
+    return Section("PPO: reward and KL", blocks)
 
 
 def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
@@ -206,9 +214,10 @@ def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
                      _num(m.get("eval/kl_to_start"), 3),
                      _change(m.get("eval/measure_before"), m.get("eval/measure_after"), 3),
                      _change(m.get("eval/response_words_before"), m.get("eval/response_words_after"), 1)])
+    judged_by = " ".join(filter(None, (judge.get("type"), judge.get("function") or judge.get("model"))))
     text = (f"Each policy against the one it started from, on held-out prompts ({evaluation.get('prompts')}), "
-            f"judged by {judge.get('type')} {judge.get('function') or judge.get('model') or ''}".rstrip()
-            + f"; a tie counts half. KL is nats per response; the held-out measure is {measure or 'not set'}.")
+            f"judged by {judged_by}; a tie counts half. KL is nats per response; the held-out measure is "
+            f"{measure or 'not set'}.")
     results = {s.name: {k: s.metrics.get(f"eval/{k}") for k in ("wins", "ties", "losses", "win_rate")}
                for s in evaluated}
     return Section("Win rate over the starting policy", [
@@ -291,15 +300,14 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (
         run_dir / "config.yaml").exists() else {}
     by_name = {stage.name: stage for stage in stages}
-    sections = [summary_section(stages), loss_section(stages)]
-    if "ppo" in by_name:
-        sections.append(ppo_section(by_name["ppo"]))
-    sections.append(win_rate_section(stages, config))
-    if "rm" in by_name:
-        sections.append(calibration_section(by_name["rm"], run_dir))
-    if "preferences" in by_name:
-        sections.append(preferences_section(by_name["preferences"], run_dir, config))
-    sections.append(samples_section(stages, run_dir))
+    # In the order of the pipeline: labels, the reward model, then the policies trained against them.
+    sections = [
+        summary_section(stages), loss_section(stages),
+        preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
+        calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
+        ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
+        win_rate_section(stages, config), samples_section(stages, run_dir),
+    ]
     model = (config.get("model") or {}).get("name_or_path", "?")
     intro = (f"Run directory {run_dir.resolve()}, model {model}, report written "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")

@@ -22,8 +22,8 @@ SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false",
          "--set", "rm.trainer.max_steps=2", "--set", "dpo.trainer.max_steps=2", "--set", "ppo.trainer.max_steps=2",
          "--set", "dpo.data.eval_split=0.03",  # dpo evaluates its held-out pairs before and after: keep them few
          "--set", "evaluation.max_prompts=2"]
-SECTIONS = ["Stages", "Training curves", "PPO: reward and KL", "Win rate over the starting policy",
-            "Reward model calibration", "Preference labels and judge agreement", "Sample generations, before and after"]
+SECTIONS = ["Stages", "Training curves", "Preference labels and judge agreement", "Reward model calibration",
+            "PPO: reward and KL", "Win rate over the starting policy", "Sample generations, before and after"]
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -38,6 +38,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 def manifests(run_dir: Path) -> dict[str, dict]:
     return {path.parent.name: json.loads(path.read_text()) for path in run_dir.glob("*/stage.json")}
+
+
+def _md(text: str) -> str:
+    """Text as a Markdown table cell holds it."""
+    return text.replace("|", "\\|").replace("\n", "<br>")
 
 
 def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
@@ -75,17 +80,21 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
     assert f"| raw agreement | {prefs['agreement/raw']:.3f} |" in markdown
     assert table_row(markdown, "held-out score, before → after")[1] == (
         f"{ppo['eval/score_mean_before']:.4f} → {ppo['eval/score_mean']:.4f}")
+    last_table = json.loads((run_dir / "ppo" / "samples.jsonl").read_text().splitlines()[-1])
+    assert f"Responses sampled at iteration {last_table['step']}" in markdown
+    assert table_row(markdown, _md(last_table["samples"][0]["prompt"][-1]["content"]))[2] == (
+        f"{last_table['samples'][0]['score']:.3f}")
     calibration = json.loads((run_dir / "rm" / "calibration.json").read_text())["bins"]
     assert sum(int(table_row(markdown, b["confidence"])[1]) for b in calibration) == rm["data/eval_pairs"]
     first = json.loads((run_dir / "dpo" / "eval_samples.jsonl").read_text().splitlines()[0])
-    assert first["policy"].replace("|", "\\|").replace("\n", "<br>") in markdown
+    assert _md(first["policy"]) in markdown
 
     # The HTML holds the same tables, its plots inlined as PNGs, and nothing it would have to fetch.
     for cell in (f"{rm['rm/eval_accuracy']:.3f}", f"{dpo['eval/win_rate']:.1%}", f"{ppo['eval/score_mean']:.4f}"):
         assert cell in page
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([^']*)'>", page)
-    assert [alt for alt, _ in images] == ["loss per stage", "PPO per iteration", "win rates", "reliability diagram",
-                                          "judge agreement"]
+    assert [alt for alt, _ in images] == ["loss per stage", "judge agreement", "reliability diagram",
+                                          "PPO per iteration", "win rates"]
     assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for _, data in images)
     assert not re.search(r"<(script|link|iframe)|(src|href)=['\"]?(https?:|//)", page, re.IGNORECASE)
 
