@@ -22,8 +22,11 @@ STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     # A crash mid-write must leave either the old file or the new one, never half of either.
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)

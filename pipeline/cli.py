@@ -1,5 +1,5 @@
-"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal), join
-(the other machines of a multi-machine run)."""
+"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal), report,
+join (the other machines of a multi-machine run)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal")
     label.add_argument("--run-dir", required=True)
     label.add_argument("--judge-name", default="human", help="recorded in every label as its judge (default: human)")
+    report = commands.add_parser("report", help="write <run-dir>/report.md and report.html (plots, numbers, samples)")
+    report.add_argument("--run-dir", required=True)
     join = commands.add_parser("join", help="on machine 1, 2...: run this machine's part of every stage machine 0's "
                                             "`run` launches (multi-machine runs; shared run directory)")
     join.add_argument("--run-dir", required=True)
@@ -153,6 +155,17 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pipeline.report import write
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError(f"no run directory at {run_dir}")
+    for path in write(run_dir):
+        out.print(str(path))
+    return 0
+
+
 def cmd_join(args) -> int:
     from pipeline.join import follow
 
@@ -160,7 +173,7 @@ def cmd_join(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label,
-            "join": cmd_join}
+            "report": cmd_report, "join": cmd_join}
 
 if __name__ == "__main__":
     sys.exit(main())

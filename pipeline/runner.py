@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import join, launch, tracking
+from pipeline import join, launch, report, tracking
 from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
@@ -240,6 +240,7 @@ class Runner:
                     self._execute(decision)
                 summary.append(read_manifest(self.run_dir / name))
         tracking.print_summary(summary)
+        log(f"report: {' and '.join(map(str, report.write(self.run_dir)))}")
         return summary
 
     def _execute(self, decision: Decision) -> None:

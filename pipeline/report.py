@@ -1,0 +1,376 @@
+"""The alignment report of a run directory: report.md (text and tables) and report.html (the same, with its plots
+inlined as PNG data URIs, so the one file can be mailed or archived and opens anywhere without a network).
+
+Everything is read from what the stages left on disk (stage.json, metrics.jsonl, calibration.json, agreement.json,
+eval_samples.jsonl); a stage or a file that is not there is left out, so a partial or running run still reports.
+The content is built once as sections of paragraphs, tables and figures, then rendered as Markdown and as HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.artifacts import write_text_atomic
+from pipeline.config import STAGE_ORDER
+from pipeline.errors import PipelineError
+
+POLICY_EVALUATED = ("dpo", "ppo")  # the stages compared with their starting policy (stages/evaluate.py)
+SAMPLES_SHOWN = 3
+SAMPLE_CHARS = 600
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Plot:
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list = field(default_factory=list)  # paragraphs (str), Table, Plot
+
+
+@dataclass
+class Stage:
+    name: str
+    manifest: dict
+    log: list[dict]  # metrics.jsonl
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    def curve(self, key: str) -> tuple[list[int], list[float]] | None:
+        """(steps, values) of a logged metric; a step logged twice (a resumed attempt redoing it) keeps the later."""
+        by_step = {row["step"]: row[key] for row in self.log if row.get(key) is not None}
+        if not by_step:
+            return None
+        steps = sorted(by_step)
+        return steps, [float(by_step[s]) for s in steps]
+
+
+# ---------------------------------------------------------------- reading the run directory
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a torn last line (a kill mid-append) is left out, a torn earlier one is an error."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise PipelineError(f"{path}:{number}: not JSON ({exc})") from None
+    return records
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def load_stages(run_dir: Path) -> list[Stage]:
+    from pipeline.runner import stage_status
+
+    stages = []
+    for name in STAGE_ORDER:
+        manifest = stage_status(run_dir, name)
+        if manifest["status"] != "pending":
+            stages.append(Stage(name, manifest, read_jsonl(run_dir / name / "metrics.jsonl")))
+    return stages
+
+
+# ---------------------------------------------------------------- formatting
+
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _change(before, after, digits: int = 4) -> str:
+    return f"{_num(before, digits)} → {_num(after, digits)}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + f" … [{len(text) - SAMPLE_CHARS} more chars]"
+
+
+# ---------------------------------------------------------------- sections
+
+def summary_section(stages: list[Stage]) -> Section:
+    from pipeline.tracking import headline
+
+    rows = []
+    for stage in stages:
+        manifest, metrics = stage.manifest, stage.metrics
+        steps = metrics.get("train/steps")
+        if steps is None and stage.log:
+            steps = f"{max(row['step'] for row in stage.log)} so far"
+        elapsed = manifest.get("duration_s")
+        if elapsed is None and manifest["status"] == "running" and manifest.get("started_at"):
+            elapsed = time.time() - manifest["started_at"]
+        status = manifest["status"]
+        if manifest.get("resumed_from"):
+            status += f", resumed from {manifest['resumed_from']}"  # the time is then that last attempt's
+        rows.append([stage.name, status, _duration(elapsed), _num(steps), _num(metrics.get("train/loss")),
+                     headline(metrics) or "–"])
+    blocks = [Table(["stage", "status", "time", "steps", "train loss", "key metric (before → after)"], rows)]
+    blocks += [f"{stage.name} stopped with: {stage.manifest['error']}" for stage in stages
+               if stage.manifest.get("error")]
+    return Section("Stages", blocks)
+
+
+def loss_section(stages: list[Stage]) -> Section | None:
+    from pipeline import plots
+
+    curves = {}
+    for stage in stages:
+        if stage.name == "ppo":
+            continue  # its losses are per iteration, with its rewards below
+        found = {kind: stage.curve(key) for kind, key in (("train", "loss"), ("eval", "eval_loss"))}
+        found = {kind: curve for kind, curve in found.items() if curve}
+        if found:
+            curves[stage.name] = found
+    if not curves:
+        return None
+    text = ("Training loss per logged step (metrics.jsonl) and, where a stage holds data out, the held-out loss "
+            "(step 0 is before training). rm's loss is the Bradley-Terry loss, dpo's the DPO loss.")
+    return Section("Training curves", [text, Plot("loss per stage", plots.loss_curves(curves))])
+
+
+def ppo_section(stage: Stage, run_dir: Path) -> Section | None:
+    from pipeline import plots
+
+    keys = ("ppo/reward_mean", "ppo/reward_std", "ppo/score_mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy",
+            "ppo/response_length", "ppo/policy_loss", "ppo/value_loss")
+    curves = {key: curve for key in keys if (curve := stage.curve(key))}
+    if "ppo/reward_mean" not in curves:
+        return None
+    m = stage.metrics
+    # The manifest has the last iteration's numbers once the stage completes; until then, the last logged ones.
+    rewards, kl = curves["ppo/reward_mean"][1], curves.get("ppo/kl", ([], [None]))[1]
+    rows = [["reward (KL-penalised), first → last iteration",
+             _change(m.get("ppo/reward_mean_first", rewards[0]), m.get("ppo/reward_mean", rewards[-1]))],
+            ["KL to the reference at the last iteration", _num(m.get("ppo/kl", kl[-1]))],
+            ["held-out score, before → after", _change(m.get("eval/score_mean_before"), m.get("eval/score_mean"))]]
+    blocks = [Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
+              Plot("PPO per iteration", plots.ppo_curves(curves))]
+    tables = read_jsonl(run_dir / stage.name / "samples.jsonl")
+    if tables:
+        # What the reward is paying for right now: rising reward on one repeated answer is reward hacking.
+        last = tables[-1]
+        blocks += [f"Responses sampled at iteration {last['step']} (ppo/samples.jsonl has a table every "
+                   "sample_every iterations):",
+                   Table(["prompt", "response", "score", "reward (KL-penalised)"],
+                         [[_clip(row["prompt"][-1]["content"]), _clip(row["response"]), _num(row["score"], 3),
+                           _num(row["reward"], 3)] for row in last["samples"][:SAMPLES_SHOWN]])]
+    return Section("PPO: reward and KL", blocks)
+
+
+def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
+    from pipeline import plots
+
+    evaluated = [s for s in stages if s.name in POLICY_EVALUATED and s.metrics.get("eval/wins") is not None]
+    if not evaluated:
+        return None
+    evaluation = config.get("evaluation", {})
+    judge = evaluation.get("judge", {})
+    measure = evaluation.get("measure")
+    rows = []
+    for stage in evaluated:
+        m = stage.metrics
+        start = (stage.manifest.get("init") or {}).get("description", "its starting policy")
+        rows.append([stage.name, start, _pct(m.get("eval/win_rate")),
+                     f"{m['eval/wins']} / {m['eval/ties']} / {m['eval/losses']}",
+                     _num(m.get("eval/kl_to_start"), 3),
+                     _change(m.get("eval/measure_before"), m.get("eval/measure_after"), 3),
+                     _change(m.get("eval/response_words_before"), m.get("eval/response_words_after"), 1)])
+    judged_by = " ".join(filter(None, (judge.get("type"), judge.get("function") or judge.get("model"))))
+    text = (f"Each policy against the one it started from, on held-out prompts ({evaluation.get('prompts')}), "
+            f"judged by {judged_by}; a tie counts half. KL is nats per response; the held-out measure is "
+            f"{measure or 'not set'}.")
+    results = {s.name: {k: s.metrics.get(f"eval/{k}") for k in ("wins", "ties", "losses", "win_rate")}
+               for s in evaluated}
+    return Section("Win rate over the starting policy", [
+        text,
+        Table(["stage", "against", "win rate", "wins / ties / losses", "KL to start", "measure before → after",
+               "mean words before → after"], rows),
+        Plot("win rates", plots.win_rates(results)),
+    ])
+
+
+def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
+    from pipeline import plots
+
+    calibration = _read_json(run_dir / stage.name / "calibration.json")
+    if not calibration:
+        return None
+    m = stage.metrics
+    text = (f"Held-out accuracy {_change(m.get('rm/eval_accuracy_before'), m.get('rm/eval_accuracy'), 3)}, "
+            f"mean margin {_change(m.get('rm/eval_margin_before'), m.get('rm/eval_margin'), 3)}, expected "
+            f"calibration error {_num(m.get('rm/eval_ece'), 3)} on {_num(m.get('data/eval_pairs'))} pairs. "
+            "The model's P(chosen wins) = sigmoid(r_chosen - r_rejected).")
+    rows = [[b["confidence"], str(b["pairs"]), _num(b["mean_confidence"], 3), _num(b["accuracy"], 3)]
+            for b in calibration["bins"]]
+    return Section("Reward model calibration", [
+        text, Plot("reliability diagram", plots.reliability(calibration["bins"], m.get("rm/eval_ece"))),
+        Table(["confidence", "pairs", "mean confidence", "accuracy"], rows),
+    ])
+
+
+def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | None:
+    from pipeline import plots
+
+    m = stage.metrics
+    if m.get("preferences/pairs") is None:
+        return None
+    prefs = config.get("preferences", {})
+    judge = prefs.get("judge", {})
+    labels = [["pairs judged", _num(m.get("preferences/pairs"))],
+              ["chosen/rejected rows", _num(m.get("preferences/rows"))],
+              ["ties", f"{_num(m.get('preferences/ties'))} ({_pct(m.get('preferences/tie_rate'))})"],
+              ["unlabelled", _num(m.get("preferences/unlabelled"))],
+              ["first response preferred", _pct(m.get("preferences/a_wins"))]]
+    if m.get("preferences/order_flip_rate") is not None:
+        labels.append(["verdict changed when the order was swapped", _pct(m["preferences/order_flip_rate"])])
+    blocks = [f"Judge: {judge.get('type')}.", Table(["labels", "value"], labels)]
+    agreement = _read_json(run_dir / stage.name / "final" / "agreement.json")
+    if agreement:
+        values = {"raw agreement": agreement["raw"], "Cohen's κ": agreement["kappa"],
+                  "tie rate (judge)": agreement["tie_rates"][0], "tie rate (reference)": agreement["tie_rates"][1]}
+        flips = agreement.get("order_flip_rates") or (None, None)
+        if flips[0] is not None:
+            values["order flips (judge)"] = flips[0]
+        blocks += [f"Agreement with {prefs.get('compare_with')} on the {agreement['pairs']} pairs both labelled "
+                   "(Cohen's κ corrects for chance agreement over a / b / tie):",
+                   Table(["agreement", "value"], [[k, _num(v, 3)] for k, v in values.items()]),
+                   Plot("judge agreement", plots.agreement({k: v for k, v in values.items() if v is not None}))]
+    return Section("Preference labels and judge agreement", blocks)
+
+
+def samples_section(stages: list[Stage], run_dir: Path) -> Section | None:
+    verdicts = {"a": "after", "b": "before", "tie": "tie", None: "unjudged"}
+    blocks = []
+    for stage in stages:
+        if stage.name not in POLICY_EVALUATED:
+            continue
+        samples = read_jsonl(run_dir / stage.name / "eval_samples.jsonl")
+        if samples:
+            rows = [[_clip(s["prompt"]), _clip(s["start"]), _clip(s["policy"]), verdicts.get(s["winner"], s["winner"])]
+                    for s in samples[:SAMPLES_SHOWN]]
+            blocks += [f"{stage.name}: {min(len(samples), SAMPLES_SHOWN)} of {len(samples)} held-out prompts "
+                       f"({stage.name}/eval_samples.jsonl has them all).",
+                       Table(["prompt", "before (starting policy)", f"after ({stage.name})", "judge preferred"], rows)]
+    return Section("Sample generations, before and after", blocks) if blocks else None
+
+
+def build(run_dir: Path) -> tuple[str, list[Section]]:
+    stages = load_stages(run_dir)
+    if not stages:
+        raise PipelineError(f"nothing to report: no stage has run in {run_dir}")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (
+        run_dir / "config.yaml").exists() else {}
+    by_name = {stage.name: stage for stage in stages}
+    # In the order of the pipeline: labels, the reward model, then the policies trained against them.
+    sections = [
+        summary_section(stages), loss_section(stages),
+        preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
+        calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
+        ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
+        win_rate_section(stages, config), samples_section(stages, run_dir),
+    ]
+    model = (config.get("model") or {}).get("name_or_path", "?")
+    intro = (f"Run directory {run_dir.resolve()}, model {model}, report written "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}.")
+    return intro, [section for section in sections if section is not None]
+
+
+# ---------------------------------------------------------------- rendering
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def to_markdown(title: str, intro: str, sections: list[Section]) -> str:
+    lines = [f"# {title}", "", intro, "", "The plots are in report.html, next to this file.", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if isinstance(block, Table):
+                lines += ["| " + " | ".join(map(_md_cell, block.header)) + " |",
+                          "|" + "---|" * len(block.header)]
+                lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
+            elif isinstance(block, Plot):
+                lines.append(f"*Plot: {block.caption} (report.html)*")
+            else:
+                lines.append(block)
+            lines.append("")
+    return "\n".join(lines)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; white-space: pre-wrap; }
+th { background: #f3f3f3; }
+img { max-width: 100%; display: block; margin: 0.5em 0; }
+"""
+
+
+def to_html(title: str, intro: str, sections: list[Section]) -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+             f"<style>{STYLE}</style></head><body>", f"<h1>{e(title)}</h1>", f"<p>{e(intro)}</p>"]
+    for section in sections:
+        parts.append(f"<h2>{e(section.title)}</h2>")
+        for block in section.blocks:
+            if isinstance(block, Table):
+                parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block.header) + "</tr>")
+                parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block.rows]
+                parts.append("</table>")
+            elif isinstance(block, Plot):
+                data = base64.b64encode(block.png).decode("ascii")
+                parts.append(f"<img alt='{e(block.caption)}' src='data:image/png;base64,{data}'>")
+            else:
+                parts.append(f"<p>{e(block)}</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write(run_dir: Path) -> tuple[Path, Path]:
+    """Write <run_dir>/report.md and report.html, each atomically (a reader never sees half a report)."""
+    intro, sections = build(run_dir)
+    title = f"Alignment report: {run_dir.resolve().name}"
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    write_text_atomic(md, to_markdown(title, intro, sections))
+    write_text_atomic(page, to_html(title, intro, sections))
+    return md, page
