@@ -136,8 +136,8 @@ def lora_config(config: RunConfig):
         what = "a separate critic (ppo.critic)" if config.ppo.critic is not None else "full fine-tuning (peft.method: full)"
         raise ConfigError(
             f"ppo under DeepSpeed (distributed.deepspeed={config.distributed.deepspeed}) trains LoRA actor and critic "
-            f"adapters on one shared base; {what} is not supported under DeepSpeed yet: unset ppo.critic and use "
-            "peft.method: lora, or run without distributed.deepspeed"
+            f"adapters on one shared base; {what} is not supported under DeepSpeed yet: use peft.method: lora with "
+            "the shared critic (ppo.critic unset), or run without distributed.deepspeed"
         )
     return peft_config_for(config.peft)
 
