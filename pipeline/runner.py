@@ -171,8 +171,8 @@ class Runner:
         used = referenced_stages(self.config, name)
         for stage in used:
             if stage not in will_run and not self._completed(stage):
-                raise PipelineError(f"{name} uses the model of the {stage} stage (a judge, reward or critic), but {stage} has "
-                                    f"not completed in {self.run_dir}; run it first")
+                raise PipelineError(f"{name} uses the model of the {stage} stage (a judge, reward or critic), but "
+                                    f"{stage} has not completed in {self.run_dir}; run it first")
         pending = [s for s in (upstream, data_upstream, *used) if s in will_run]
         if pending:
             return Decision(name, "run" if not manifest else "rerun",

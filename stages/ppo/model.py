@@ -133,7 +133,8 @@ def lora_config(config: RunConfig):
             "by ppo: set peft.method to lora or full"
         )
     if config.distributed.deepspeed and separate_critic(config):
-        what = "a separate critic (ppo.critic)" if config.ppo.critic is not None else "full fine-tuning (peft.method: full)"
+        what = ("a separate critic (ppo.critic)" if config.ppo.critic is not None
+                else "full fine-tuning (peft.method: full)")
         raise ConfigError(
             f"ppo under DeepSpeed (distributed.deepspeed={config.distributed.deepspeed}) trains LoRA actor and critic "
             f"adapters on one shared base; {what} is not supported under DeepSpeed yet: use peft.method: lora with "

@@ -1,10 +1,9 @@
 """The PPO loop (Ziegler et al. 2019; Ouyang et al. 2022), one iteration per step, each step numbered below.
 
-Resume is exact: everything an iteration depends on is either restored from the checkpoint (adapters, value head,
-what trains: adapters, a fully trained actor or separate critic, value head; optimiser, KL coefficient, step:
-accelerate's save_state with `Progress` registered) or a function of the step
-alone (the prompts of step n, the sampling seed seed + n, the mini-batch order), so a run killed and resumed ends
-with the same weights as one never interrupted.
+Resume is exact: everything an iteration depends on is either restored from the checkpoint (what trains: adapters,
+a fully trained actor or separate critic, the value head; optimiser, KL coefficient, step: accelerate's save_state
+with `Progress` registered) or a function of the step alone (the prompts of step n, the sampling seed seed + n, the
+mini-batch order), so a run killed and resumed ends with the same weights as one never interrupted.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_adapter_changes_output, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline
+from conftest import (
+    REPO, assert_adapter_changes_output, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline,
+)
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 RULE = ["--set", "ppo.init_from=base", "--set", "ppo.reward.type=rule",
