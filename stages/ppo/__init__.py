@@ -55,9 +55,9 @@ def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
 
 def check(config: RunConfig) -> str:
     from reward.judges import load_callable
-    from stages.ppo.model import check_critic, lora_config
+    from stages.ppo.model import check_critic, actor_peft_config
 
-    lora_config(config)
+    actor_peft_config(config)
     check_critic(config)
     train, held_out = load(config)
     reward = config.ppo.reward

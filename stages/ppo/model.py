@@ -117,13 +117,8 @@ def zero3_sharded(params) -> bool:
     return any(hasattr(p, "ds_status") for p in params)
 
 
-def separate_critic(config: RunConfig) -> bool:
-    return config.ppo.critic is not None or config.peft.method == "full"
-
-
-def lora_config(config: RunConfig):
-    """The actor's (and a LoRA critic's) adapter config from `peft`, None for full fine-tuning; refuses what PPO
-    cannot train."""
+def actor_peft_config(config: RunConfig):
+    """The actor's adapter config from `peft` (None: full fine-tuning); refuses what PPO cannot train."""
     from pipeline.models import peft_config_for
 
     if config.peft.method not in ("lora", "full"):
@@ -132,7 +127,7 @@ def lora_config(config: RunConfig):
             f"(peft.method: full, the reference a frozen copy); peft.method={config.peft.method} is not supported "
             "by ppo: set peft.method to lora or full"
         )
-    if config.distributed.deepspeed and separate_critic(config):
+    if config.distributed.deepspeed and (config.ppo.critic is not None or config.peft.method == "full"):
         what = ("a separate critic (ppo.critic)" if config.ppo.critic is not None
                 else "full fine-tuning (peft.method: full)")
         raise ConfigError(
@@ -227,7 +222,7 @@ def build(config: RunConfig, base_dir: Path, tokenizer, critic: ModelSource | No
 
     from pipeline.models import load_causal_lm, peft_config_for
 
-    peft_config = lora_config(config)
+    peft_config = actor_peft_config(config)
     set_seed(config.seed)  # the adapters' A matrices are random: equal configs must give equal runs
     policy = load_causal_lm(base_dir, config.model, tokenizer)
     reference = None

@@ -335,7 +335,9 @@ def test_full_fine_tuning_checkpoints_what_trains_and_resumes_exactly(tmp_path, 
     assert not any(param.requires_grad for param in module.reference.parameters())
 
 
-def test_a_critic_that_cannot_read_the_policys_tokens_is_refused_before_any_compute(tmp_path, tiny_model_dir):
+def test_a_critic_ppo_cannot_use_is_refused_before_any_compute(tmp_path, tiny_model_dir):
+    """ppo's preflight check (what `run` calls before any stage starts): a critic with another vocabulary, none to
+    compare, or no model at all; and the roles DeepSpeed does not support yet."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -353,18 +355,21 @@ def test_a_critic_that_cannot_read_the_policys_tokens_is_refused_before_any_comp
     untokenized = tmp_path / "no-tokenizer"
     untokenized.mkdir()
     shutil.copy(tiny_model_dir / "config.json", untokenized)
-    for critic, message in ((other, "is not the policy's"), (untokenized, "has no tokenizer"),
-                            ("preferences", "that stage makes no model"), (tmp_path / "nowhere", "is neither a stage")):
-        config = load_config(SMOKE, [arg for arg in RULE if arg != "--set"] + [f"ppo.critic={critic}"])
+    deepspeed = ["distributed.deepspeed=configs/deepspeed/zero2.json", "distributed.num_processes=2"]
+    for settings, message in (
+        ([f"ppo.critic={other}"], "is not the policy's"), ([f"ppo.critic={untokenized}"], "has no tokenizer"),
+        (["ppo.critic=preferences"], "that stage makes no model"),
+        ([f"ppo.critic={tmp_path / 'nowhere'}"], "is neither a stage"),
+        (["ppo.critic=tiny-random-smollm2", *deepspeed], r"a separate critic \(ppo.critic\) is not supported under Deep"),
+        (["peft.method=full", "peft.options={}", *deepspeed], r"full fine-tuning \(peft.method: full\) is not supp"),
+    ):
         with pytest.raises(ConfigError, match=message):
-            check(config)
+            check(load_config(SMOKE, [arg for arg in RULE if arg != "--set"] + settings))
     check(load_config(SMOKE, [arg for arg in RULE if arg != "--set"] + ["ppo.critic=tiny-random-smollm2"]))
 
 
 @pytest.mark.parametrize("settings, message", [
     (["peft.method=prefix", "peft.options={}"], "peft.method=prefix is not supported by ppo"),
-    (["ppo.critic=tiny-random-smollm2", "distributed.deepspeed=configs/deepspeed/zero2.json",
-      "distributed.num_processes=2"], "a separate critic (ppo.critic) is not supported under DeepSpeed yet"),
     (["ppo.trainer.mini_batch_size=3"], "mini_batch_size to divide rollout_batch_size"),
     (["ppo.reward.function="], "ppo.reward.function ('module:function') is required"),
 ])
