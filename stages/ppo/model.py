@@ -214,9 +214,9 @@ def _is_reward_model(source: ModelSource) -> bool:
     return any(name.endswith("ForSequenceClassification") for name in architectures)
 
 
-def build(config: RunConfig, base_dir: Path, tokenizer, critic: ModelSource | None = None) -> ActorCritic:
-    """The starting weights at `base_dir` as actor (and reference), with a critic from `critic` (None: an adapter on
-    the policy): fresh adapters, and a value head at zero (or a reward model critic's score head)."""
+def build(config: RunConfig, base_dir: Path, tokenizer, critic_from: ModelSource | None = None) -> ActorCritic:
+    """The starting weights at `base_dir` as actor (and reference), with a critic from `critic_from` (None: an adapter
+    on the policy): fresh adapters, and a value head at zero (or a reward model critic's score head)."""
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -233,16 +233,16 @@ def build(config: RunConfig, base_dir: Path, tokenizer, critic: ModelSource | No
         policy.requires_grad_(True)
     else:
         policy = get_peft_model(policy, peft_config, adapter_name=ACTOR)
-        if critic is None:
+        if critic_from is None:
             policy.add_adapter(CRITIC, copy.deepcopy(peft_config))
-    score = None
-    if critic is not None:
-        critic, score = _load_critic(critic, config, tokenizer)
+    critic = score = None
+    if critic_from is not None:
+        critic, score = _load_critic(critic_from, config, tokenizer)
         if peft_config is None:
             critic.requires_grad_(True)
         else:
             critic = get_peft_model(critic, peft_config_for(config.peft, "FEATURE_EXTRACTION"), adapter_name=CRITIC)
-    hidden = (critic or policy).config.hidden_size
+    hidden = (policy if critic is None else critic).config.hidden_size
     value_head = nn.Linear(hidden, 1, dtype=torch.float32)
     # Zero weights: the first values are 0 everywhere, a neutral baseline while the critic learns. A reward model's
     # score head instead starts the values at its scores of each prefix (InstructGPT's value initialisation).
