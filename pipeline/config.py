@@ -227,7 +227,7 @@ class PPOTrainerConfig:
     num_ppo_epochs: int = 4
     """Passes over each rollout batch."""
     learning_rate: float = 1e-5
-    """AdamW learning rate for the actor and critic adapters and the value head."""
+    """AdamW learning rate for everything that trains: actor, critic (adapters or whole models), value head."""
     max_new_tokens: int = 64
     """The longest response."""
     temperature: float = 1.0
@@ -276,8 +276,11 @@ class PPOConfig:
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     """Where the scalar reward comes from."""
     critic: str | None = None
-    """None: a value head with its own adapter on the shared base model; or a (small) model directory or built-in
-    name to use as a separate critic."""
+    """None: the critic is a value head with its own LoRA adapter on the policy's base (one copy of the weights; under
+    peft.method full, a trainable copy of the starting policy). Or a separate critic: a (small) model directory,
+    built-in name, adapter directory or stage of this run (cpt, sft, rm, dpo; rm starts the value head from the
+    reward model's score head), which must share the policy's tokenizer. It trains like the actor: its own LoRA
+    adapter from `peft` under lora, every weight under full; critic/ holds it whole, with value_head.safetensors."""
     trainer: PPOTrainerConfig = field(default_factory=PPOTrainerConfig)
     """The PPO hyperparameters (our own trainer: TRL has no PPO)."""
 

@@ -35,13 +35,15 @@ DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
 
 
 def referenced_stages(config: RunConfig, name: str) -> list[str]:
-    """Stages whose result `name` uses besides its starting model and data: the model of a judge or a reward. Their
-    output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
+    """Stages whose result `name` uses besides its starting model and data: the model of a judge, a reward or ppo's
+    critic. Their output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
     models = []
     if name == "preferences" and config.preferences.judge.type in ("llm", "reward_model"):
         models.append(config.preferences.judge.model)
     if name == "ppo" and config.ppo.reward.type == "reward_model":
         models.append(config.ppo.reward.model)
+    if name == "ppo" and config.ppo.critic:
+        models.append(config.ppo.critic)
     if name in ("dpo", "ppo") and config.evaluation.prompts and config.evaluation.judge.type in ("llm", "reward_model"):
         models.append(config.evaluation.judge.model)
     return sorted({model for model in models if model in STAGE_ORDER and model != name})
@@ -169,8 +171,8 @@ class Runner:
         used = referenced_stages(self.config, name)
         for stage in used:
             if stage not in will_run and not self._completed(stage):
-                raise PipelineError(f"{name} uses the model of the {stage} stage (a judge or reward), but {stage} has "
-                                    f"not completed in {self.run_dir}; run it first")
+                raise PipelineError(f"{name} uses the model of the {stage} stage (a judge, reward or critic), but "
+                                    f"{stage} has not completed in {self.run_dir}; run it first")
         pending = [s for s in (upstream, data_upstream, *used) if s in will_run]
         if pending:
             return Decision(name, "run" if not manifest else "rerun",

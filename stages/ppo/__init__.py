@@ -2,18 +2,22 @@
 
 TRL has no PPO trainer any more, so this one is ours, in four small modules:
 - losses.py:  the mathematics (GAE, whitening, clipped policy and value losses, KL penalty and controllers);
-- model.py:   actor, critic and reference on ONE copy of the weights: the starting policy (base + sft adapter) is
-              merged and saved at <stage>/base; on it sit an "actor" LoRA adapter, a "critic" LoRA adapter with a
-              value head, and the reference is the same base with the adapters off;
+- model.py:   actor, critic and reference. By default on ONE copy of the weights: the starting policy (base + sft
+              adapter) is merged and saved at <stage>/base; on it sit an "actor" LoRA adapter, a "critic" LoRA
+              adapter with a value head, and the reference is the same base with the adapters off. `ppo.critic`
+              makes the critic a separate model; `peft.method: full` trains every actor weight against a frozen
+              reference copy, with a separate critic;
 - rollout.py: batched sampling with the KV cache, then the log-probabilities, reference log-probabilities and values;
 - trainer.py: the loop (steps numbered in comments), checkpoints that resume exactly, metrics and sample tables.
 
 The reward is `ppo.reward`: a reward model (the rm stage of this run, or a directory) scored on exactly the text
 the rm stage trained on, or a rule, a Python function (prompt messages, response text) -> float.
 
-Layout: final/ (the actor adapter, loads with PeftModel.from_pretrained on stage.json's base_model), critic/ (the
-critic adapter + value_head.safetensors), base/ (the merged starting weights, when the start was an adapter),
-checkpoints/, metrics.jsonl, samples.jsonl.
+Layout: final/ (the actor adapter, loads with PeftModel.from_pretrained on stage.json's base_model; under full
+fine-tuning the whole model, AutoModelForCausalLM.from_pretrained), critic/ (+ value_head.safetensors: the shared
+critic's adapter on base_model, or a separate critic as a whole model, AutoModel.from_pretrained), base/ (the merged
+starting weights, when the start was an adapter), checkpoints/, metrics.jsonl, samples.jsonl. stage.json's
+critic_init records where the critic started.
 """
 
 from __future__ import annotations
@@ -51,9 +55,10 @@ def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
 
 def check(config: RunConfig) -> str:
     from reward.judges import load_callable
-    from stages.ppo.model import lora_config
+    from stages.ppo.model import check_critic, actor_peft_config
 
-    lora_config(config)
+    actor_peft_config(config)
+    check_critic(config)
     train, held_out = load(config)
     reward = config.ppo.reward
     if reward.type == "rule":
@@ -98,19 +103,25 @@ def run(ctx: StageContext) -> dict:
     from pipeline.models import load_policy, load_tokenizer
     from pipeline.render import prompt_ids
     from stages import lm
+    from stages.ppo.model import check_vocabulary, critic_source
     from stages.ppo.trainer import train
 
     prompts, eval_prompts = load(ctx.config)
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
+    if ctx.config.ppo.critic is not None:  # a stage's result is known only now; refused before any model loads
+        check_vocabulary(ctx.config, critic_source(ctx.config, ctx.run_dir, None), tokenizer)
     longest = max(len(prompt_ids(tokenizer, p)) for p in prompts + eval_prompts)
     reward_fn = reward_function(ctx, longest)
     base_dir = ctx.init.base
     if ctx.init.adapter is not None:
-        # The reference is the base with the adapters off, so the starting policy must be in the base weights.
+        # The reference is the base with the adapters off (or a copy of it), so the starting policy must be in the
+        # base weights.
         merged = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
         base_dir = lm.save_merged_base(ctx, merged, tokenizer)
         del merged
+    critic = critic_source(ctx.config, ctx.run_dir, base_dir)
+    ctx.record(critic_init=critic.to_dict() if critic else None)
     metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts),
-               **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn)}
-    ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
+               **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn, critic)}
+    ctx.record(base_model=str(base_dir))  # the weights final/ (as an adapter) applies to, for the stages after this one
     return metrics

@@ -3,7 +3,7 @@
 Sampling is batched with the KV cache (model.generate on left-padded prompts), stops at the end-of-turn token or
 after max_new_tokens, and is seeded by the caller per iteration, so a resumed run samples exactly what an
 uninterrupted one would. Then, with one forward each (no gradients): the actor's log-probabilities of the sampled
-tokens, the reference's (adapters off), and the critic's values.
+tokens, the reference's (adapters off, or the frozen copy under full fine-tuning), and the critic's values.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Rollout:
     logprobs: torch.Tensor
     """The actor's log-probabilities of the sampled tokens (at the sampling temperature), 0 on padding."""
     ref_logprobs: torch.Tensor
-    """The reference's (adapters off), 0 on padding."""
+    """The reference's (the starting policy), 0 on padding."""
     values: torch.Tensor
     """The critic's value before each response token, 0 on padding."""
 
@@ -84,7 +84,7 @@ def sample(module: ActorCritic, tokenizer, prompts: list[list[dict]], cfg: PPOTr
     # Under ZeRO-3 every forward gathers weights from all processes, so every process must keep stepping until the
     # longest response anywhere is done (synced_gpus), or the ones that finished first would leave the others hanging.
     sharded = zero3_sharded(module.parameters())
-    output = module.peft_model.generate(
+    output = module.policy.generate(
         input_ids=queries, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded,

@@ -1,9 +1,9 @@
 """The PPO loop (Ziegler et al. 2019; Ouyang et al. 2022), one iteration per step, each step numbered below.
 
-Resume is exact: everything an iteration depends on is either restored from the checkpoint (adapters, value head,
-optimiser, KL coefficient, step: accelerate's save_state with `Progress` registered) or a function of the step
-alone (the prompts of step n, the sampling seed seed + n, the mini-batch order), so a run killed and resumed ends
-with the same weights as one never interrupted.
+Resume is exact: everything an iteration depends on is either restored from the checkpoint (what trains: adapters,
+a fully trained actor or separate critic, the value head; optimiser, KL coefficient, step: accelerate's save_state
+with `Progress` registered) or a function of the step alone (the prompts of step n, the sampling seed seed + n, the
+mini-batch order), so a run killed and resumed ends with the same weights as one never interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.artifacts import COMPLETE_MARKER
-from pipeline.context import StageContext
+from pipeline.context import ModelSource, StageContext
 from pipeline.log import log
 from stages import lm
 from stages.ppo import losses
@@ -28,8 +28,8 @@ from stages.ppo.model import (
     ActorCritic,
     build,
     register_checkpoint_hooks,
-    save_adapter,
     save_critic,
+    save_policy,
     zero3_sharded,
 )
 from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
@@ -91,12 +91,12 @@ def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
-def setup(ctx: StageContext, base_dir: Path, tokenizer):
+def setup(ctx: StageContext, base_dir: Path, tokenizer, critic: ModelSource | None):
     """(accelerator, prepared module, optimiser, progress), restored from ctx.resume_from when there is one."""
     from accelerate import Accelerator
 
     cfg = ctx.config.ppo.trainer
-    module = build(ctx.config, base_dir, tokenizer)
+    module = build(ctx.config, base_dir, tokenizer, critic)
     optimizer = torch.optim.AdamW(module.trainable_parameters, lr=cfg.learning_rate)
     accelerator = Accelerator(log_with=_trackers(ctx) or None, deepspeed_plugin=_deepspeed(ctx, module))
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -115,9 +115,10 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer):
 
 
 def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_dir: Path,
-          reward_fn: RewardFunction) -> dict:
+          reward_fn: RewardFunction, critic: ModelSource | None = None) -> dict:
+    """`critic`: where a separate critic starts from (None: an adapter on the policy)."""
     config, cfg = ctx.config, ctx.config.ppo.trainer
-    accelerator, module, optimizer, progress = setup(ctx, base_dir, tokenizer)
+    accelerator, module, optimizer, progress = setup(ctx, base_dir, tokenizer, critic)
     actor = accelerator.unwrap_model(module)  # sampling and saving use the plain module
     metrics = {}
     if ctx.resume_from is None and eval_prompts:
@@ -126,7 +127,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
         wandb = {"wandb": _wandb_run(config)} if "wandb" in config.tracking.report_to else {}
         accelerator.init_trackers(config.tracking.project, init_kwargs=wandb)
     log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
-        f"reference = {ctx.init.description}")
+        f"reference = {ctx.init.description}; critic = {critic.description if critic else 'an adapter on it'}")
     generator = torch.Generator()
     world, rank = accelerator.num_processes, accelerator.process_index
     last = _last_record(ctx.stage_dir / "metrics.jsonl")
@@ -175,15 +176,14 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
         metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
     with gathered(actor.trainable_parameters):
         if accelerator.is_main_process:
-            lm.save_atomic(lambda out: (save_adapter(actor, ACTOR, out), tokenizer.save_pretrained(out)),
-                           ctx.final_dir)
-            lm.save_atomic(lambda out: save_critic(actor, out), ctx.stage_dir / "critic")
+            lm.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
+            lm.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
     accelerator.wait_for_everyone()
     if config.evaluation.prompts and not config.distributed.enabled:  # launched: the runner evaluates
         from stages.evaluate import compare_with_start
 
-        actor.use(ACTOR)  # the policy; with the adapters off, the same model is the starting policy
-        metrics.update(compare_with_start(ctx, actor.peft_model, tokenizer))
+        actor.use(ACTOR)  # the policy; with the adapters off (or as the frozen reference), the starting policy
+        metrics.update(compare_with_start(ctx, actor.policy, tokenizer, actor.reference))
     accelerator.end_training()
     return {**metrics, **{k: last[k] for k in ("ppo/reward_mean", "ppo/score_mean", "ppo/kl") if k in last},
             "train/steps": progress.step}
@@ -244,7 +244,7 @@ def _deepspeed(ctx: StageContext, module):
         return None
     plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
     ds = plugin.deepspeed_config
-    hidden = module.peft_model.get_base_model().config.hidden_size
+    hidden = module.policy.config.hidden_size
     # Each mini-batch is one optimiser step, its gradients averaged over the processes; clipping is DeepSpeed's.
     filled = {"train_micro_batch_size_per_gpu": cfg.mini_batch_size, "gradient_accumulation_steps": 1,
               "train_batch_size": cfg.mini_batch_size * dist.world_size, "gradient_clipping": cfg.max_grad_norm}

@@ -1,5 +1,6 @@
-"""The ppo stage through the CLI on the tiny random model: it learns, it resumes exactly after a SIGKILL, it takes
-its reward from the rm stage, and what it leaves loads in plain PEFT."""
+"""The ppo stage through the CLI on the tiny random model: it learns, it resumes exactly after a SIGKILL (with the
+shared or a separate critic), it takes its reward (and a critic) from the rm stage, it fine-tunes every weight against
+a frozen reference, and what it leaves loads in plain PEFT / transformers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline
+from conftest import (
+    REPO, assert_adapter_changes_output, kill_after_first_checkpoint, load_safetensors_dir, run_pipeline,
+)
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
 RULE = ["--set", "ppo.init_from=base", "--set", "ppo.reward.type=rule",
@@ -100,7 +103,7 @@ def test_every_trainable_parameter_changed_and_the_adapter_reloads_in_plain_peft
             if key in ("weight", "bias"):  # value_head.safetensors
                 name = f"value_head.{key}"
             else:  # PEFT drops the adapter's name from the keys it saves
-                name = "peft_model." + key.replace(".weight", f".{adapter}.weight")
+                name = "policy." + key.replace(".weight", f".{adapter}.weight")
             assert name in expected, name
             assert not torch.equal(tensor, initial[name]), f"{name} did not change"
             seen.add(name)
@@ -115,10 +118,12 @@ def test_every_trainable_parameter_changed_and_the_adapter_reloads_in_plain_peft
     assert json.loads((learned / "ppo" / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
-def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("critic", [[], ["--set", "ppo.critic=tiny-random-smollm2"]],
+                         ids=["shared-critic", "separate-critic"])
+def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path, critic):
     def args(run_dir):
         # An adaptive KL coefficient: its state must come back from the checkpoint too.
-        return ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE,
+        return ["run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE, *critic,
                 "--set", "ppo.trainer.max_steps=6", "--set", "ppo.trainer.save_steps=2",
                 "--set", "ppo.trainer.kl_target=0.5", "--set", "ppo.trainer.kl_horizon=100",
                 "--set", "ppo.data.eval_split=0", "--set", "evaluation.prompts="]
@@ -151,7 +156,9 @@ def test_sigkill_then_rerun_resumes_and_matches_uninterrupted(tmp_path):
 
 
 def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
-    """sft -> rm -> ppo: the sft adapter is merged into ppo's base, and the rewards are the rm stage's scores."""
+    """sft -> rm -> ppo: the sft adapter is merged into ppo's base, the rewards are the rm stage's scores, and the
+    critic is a separate model: the reward model with its own LoRA adapter, its value head started from the score
+    head."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"How do I look after hive {i}?",
                                          "chosen": f"Inspect hive {i} every week in spring.",
@@ -160,7 +167,7 @@ def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
     run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "sft", "--stage", "rm",
                  "--stage", "ppo", "--set", "sft.trainer.max_steps=2", "--set", "sft.trainer.save_steps=2",
                  "--set", f"rm.data.train={pairs}", "--set", "rm.trainer.max_steps=2", "--set", "rm.data.eval_split=0",
-                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.data.eval_split=0",
+                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.data.eval_split=0", "--set", "ppo.critic=rm",
                  "--set", "tracking.report_to=[wandb, tensorboard]")
     ppo = manifest(run_dir)
     assert ppo["status"] == "completed" and ppo["metrics"]["train/steps"] == 2
@@ -194,6 +201,35 @@ def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
     scores = judge.score([row["prompt"] for row in table["samples"]], [row["response"] for row in table["samples"]])
     assert scores == pytest.approx([row["score"] for row in table["samples"]], abs=1e-4)
 
+    # The separate critic: every trainable tensor (actor adapter, critic adapter, value head) moved from where build
+    # started it, and critic/ reloads as a whole model that gives the values the trained critic gives.
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from stages.ppo.model import VALUE_HEAD_FILE, build, critic_source
+
+    assert ppo["critic_init"]["adapter"] == str(run_dir / "rm" / "final")
+    config = load_config(SMOKE, ["ppo.critic=rm"])
+    base = Path(ppo["base_model"])
+    module = build(config, base, load_tokenizer(config.model, base), critic_source(config, run_dir, base))
+    rm_score = judge.model.merge_and_unload().score.weight
+    assert torch.equal(module.value_head.weight, rm_score.float()), "the value head starts as the rm's score head"
+    trained = load_file(run_dir / "ppo" / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert set(trained) == set(module.trainable_names)
+    assert {name.split(".")[0] for name in trained} == {"policy", "critic", "value_head"}
+    initial = module.state_dict()
+    assert [name for name in trained if torch.equal(trained[name], initial[name])] == []
+    module.load_state_dict(trained, strict=False)
+    ids = torch.tensor([tokenizer("Bees make honey in summer.")["input_ids"]])
+    with torch.no_grad():
+        _, values = module(ids, torch.ones_like(ids), 3, "actor_critic")
+        critic = AutoModel.from_pretrained(run_dir / "ppo" / "critic")
+        head = torch.nn.Linear(critic.config.hidden_size, 1)
+        head.load_state_dict(load_file(run_dir / "ppo" / "critic" / VALUE_HEAD_FILE))
+        reloaded = head(critic(input_ids=ids).last_hidden_state[:, -4:-1]).squeeze(-1)
+    assert (values - reloaded).abs().max().item() < 1e-5
+    assert_adapter_changes_output(ppo["base_model"], run_dir / "ppo" / "final")
+
 
 def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread):
     """The direction of learning, directly: after one optimise() call, responses with a positive advantage are
@@ -225,9 +261,115 @@ def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread
     assert (change[:4] > 0).all() and (change[4:] < 0).all(), change
 
 
+def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tmp_path, tiny_model_dir, one_thread):
+    """peft.method full: every weight of the actor and of its critic (by default a copy of the starting policy)
+    trains, the reference stays the starting policy, and final/ is a whole model for plain transformers."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", *RULE,
+                 "--set", "peft.method=full", "--set", "peft.options={}", "--set", "ppo.trainer.max_steps=2",
+                 "--set", "ppo.data.eval_split=0")
+    ppo = manifest(run_dir)
+    assert ppo["status"] == "completed" and ppo["critic_init"]["base"] == str(tiny_model_dir)
+    kl = [row["ppo/kl"] for row in read_jsonl(run_dir / "ppo" / "metrics.jsonl")]
+    assert kl[0] == 0.0, "the first rollout's actor is the reference, bit for bit"
+    assert kl[-1] > 0 and ppo["metrics"]["eval/kl_to_start"] > 0, "the reference stayed where the actor started"
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")
+    critic = AutoModel.from_pretrained(run_dir / "ppo" / "critic")
+    for trained, prefix in ((dict(final.named_parameters()), ""), (dict(critic.named_parameters()), "model.")):
+        for name, param in start.named_parameters():
+            if name.startswith(prefix):
+                assert not torch.equal(trained[name.removeprefix(prefix)], param), f"{name} did not change"
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "ppo" / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "When do bees swarm?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert final.generate(**prompt, max_new_tokens=5, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_full_fine_tuning_checkpoints_what_trains_and_resumes_exactly(tmp_path, one_thread):
+    """In one process, the mechanism a resumed full fine-tuning relies on: the checkpoint holds every actor and critic
+    weight and the value head but not the frozen reference, and loading it then repeating a step repeats it exactly."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, resolve_model_path
+    from stages.ppo import load
+    from stages.ppo.model import build, critic_source, register_checkpoint_hooks
+    from stages.ppo.rollout import rollout
+    from stages.ppo.trainer import optimise
+
+    config = load_config(SMOKE, ["ppo.init_from=base", "peft.method=full", "peft.options={}",
+                                 "ppo.trainer.max_new_tokens=8", "ppo.trainer.num_ppo_epochs=1"])
+    cfg, base = config.ppo.trainer, resolve_model_path(config.model.name_or_path)
+    tokenizer = load_tokenizer(config.model)
+    module = build(config, base, tokenizer, critic_source(config, None, base))
+    reference = {name: param.clone() for name, param in module.reference.named_parameters()}
+    accelerator = Accelerator()
+    prepared, optimizer = accelerator.prepare(module, torch.optim.AdamW(module.trainable_parameters, lr=1e-3))
+    register_checkpoint_hooks(accelerator, module)
+    prompts = load(config)[0][:8]
+
+    def step(seed: int) -> dict:
+        batch = rollout(module, tokenizer, prompts, cfg, seed)
+        advantages = torch.linspace(-1, 1, batch.mask.numel()).view_as(batch.mask) * batch.mask
+        optimise(accelerator, prepared, optimizer, batch, advantages, batch.values + advantages, cfg,
+                 torch.Generator().manual_seed(seed))
+        return {name: param.detach().clone() for name, param in module.named_parameters()
+                if name in module.trainable_names}
+
+    step(0)
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    expected = {name for name, _ in module.named_parameters() if not name.startswith("reference.")}
+    assert set(saved) == set(module.trainable_names) == expected
+    after = step(1)
+    accelerator.load_state(str(tmp_path / "checkpoint"))
+    assert all(torch.equal(saved[name], param) for name, param in module.named_parameters() if name in saved)
+    repeated = step(1)
+    assert max((after[name] - repeated[name]).abs().max().item() for name in after) <= 1e-6
+    assert all(torch.equal(reference[name], param) for name, param in module.reference.named_parameters())
+    assert not any(param.requires_grad for param in module.reference.parameters())
+
+
+def test_a_critic_ppo_cannot_use_is_refused_before_any_compute(tmp_path, tiny_model_dir):
+    """ppo's preflight check (what `run` calls before any stage starts): a critic with another vocabulary, none to
+    compare, or no model at all; and the roles DeepSpeed does not support yet."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from stages.ppo import check
+
+    other = tmp_path / "other-vocabulary"
+    other.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", other)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["<|hive|>"])
+    tokenizer.save_pretrained(other)
+    untokenized = tmp_path / "no-tokenizer"
+    untokenized.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", untokenized)
+    deepspeed = ["distributed.deepspeed=configs/deepspeed/zero2.json", "distributed.num_processes=2"]
+    for settings, message in (
+        ([f"ppo.critic={other}"], "is not the policy's"), ([f"ppo.critic={untokenized}"], "has no tokenizer"),
+        (["ppo.critic=preferences"], "that stage makes no model"),
+        ([f"ppo.critic={tmp_path / 'nowhere'}"], "is neither a stage"),
+        (["ppo.critic=tiny-random-smollm2", *deepspeed], r"a separate critic \(ppo.critic\) is not supported under Deep"),
+        (["peft.method=full", "peft.options={}", *deepspeed], r"full fine-tuning \(peft.method: full\) is not supp"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check(load_config(SMOKE, [arg for arg in RULE if arg != "--set"] + settings))
+    check(load_config(SMOKE, [arg for arg in RULE if arg != "--set"] + ["ppo.critic=tiny-random-smollm2"]))
+
+
 @pytest.mark.parametrize("settings, message", [
-    (["peft.method=full", "peft.options={}"], "peft.method=full is not supported by ppo yet"),
-    (["ppo.critic=tiny-random-smollm2"], "a separate critic model is not supported yet"),
+    (["peft.method=prefix", "peft.options={}"], "peft.method=prefix is not supported by ppo"),
     (["ppo.trainer.mini_batch_size=3"], "mini_batch_size to divide rollout_batch_size"),
     (["ppo.reward.function="], "ppo.reward.function ('module:function') is required"),
 ])
