@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib
 import json
 import os
 import signal
@@ -39,8 +40,9 @@ RESULT = "launch_result.json"
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
-# The stages that train in several processes when distributed launching is configured; the others (labelling by a
-# person, a file, an API or a rule) have nothing to shard and run in the runner's own process.
+# The stages that train in several processes when distributed launching is configured. preferences runs in the
+# runner's own process (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and
+# launches only its llm judge (stages/preferences.label_launched).
 LAUNCHED_STAGES = ("cpt", "sft", "rm", "dpo", "ppo")
 EVALUATED_STAGES = ("dpo", "ppo")  # compared with their starting policy afterwards (stages/evaluate.py)
 
@@ -77,14 +79,39 @@ def accelerate_command(dist: DistributedConfig, spec: Path) -> list[str]:
     return [*command, "-m", "pipeline.launch", str(spec)]
 
 
-def run_launched(ctx: StageContext) -> dict:
-    """Run ctx's stage under accelerate launch and return the metrics its main process reported."""
+def deepspeed_plugin(dist: DistributedConfig, micro_batch_size: int, hidden_size: int, gradient_clipping: float = 1.0):
+    """accelerate's DeepSpeed plugin for distributed.deepspeed (None without), its "auto" values filled for code that
+    drives accelerate itself (PPO's loop, the llm judge): accelerate fills them from a prepared dataloader and the
+    model's config, which these do not have. The bucket sizes are the ones transformers' Trainer picks."""
+    if not dist.deepspeed:
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
+    ds = plugin.deepspeed_config
+    filled = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+              "train_batch_size": micro_batch_size * dist.world_size, "gradient_clipping": gradient_clipping}
+    zero = {"reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in filled.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for key, value in zero.items():
+        if ds.get("zero_optimization", {}).get(key) == "auto":
+            ds["zero_optimization"][key] = value
+    return plugin
+
+
+def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
+    """Run ctx's stage (or `entry`, "module:function" taking the context) under accelerate launch and return the
+    metrics its main process reported."""
     dist = ctx.config.distributed
     spec, result = ctx.stage_dir / SPEC, ctx.stage_dir / RESULT
     result.unlink(missing_ok=True)
     # launch_id tells a joining machine this launch from the stage's earlier ones; run_id, from the run in progress.
     write_json_atomic(spec, {**_context_to_dict(ctx), "launch_id": uuid.uuid4().hex[:12],
-                             "run_id": current_run_id(ctx.run_dir)})
+                             "run_id": current_run_id(ctx.run_dir), "entry": entry})
     command = accelerate_command(dist, spec)
     log(f"{ctx.name}: launching {dist.world_size} processes on {dist.num_machines} machine(s)"
         f"{' with DeepSpeed ' + dist.deepspeed if dist.deepspeed else ''}")
@@ -104,7 +131,7 @@ def run_launched(ctx: StageContext) -> dict:
             return {}  # machine 0 records the results
         raise PipelineError(f"{ctx.name}: the launched processes exited without writing {result}")
     metrics = json.loads(result.read_text(encoding="utf-8"))
-    if ctx.name in EVALUATED_STAGES:
+    if ctx.name in EVALUATED_STAGES and entry is None:
         from stages.evaluate import compare_saved
 
         # Here, on the saved result: sampling from a model sharded over the processes is slow and hang-prone.
@@ -178,8 +205,13 @@ def worker(spec_path: Path) -> int:
     config = load_config(spec["config"])
     ctx = _context_from_dict(spec, config)
     _start_process_group()
+    if spec.get("entry"):
+        module, function = spec["entry"].split(":")
+        run = getattr(importlib.import_module(module), function)
+    else:
+        run = STAGES[ctx.name].run
     try:
-        metrics = STAGES[ctx.name].run(ctx)
+        metrics = run(ctx)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -80,9 +80,10 @@ class LlmJudge:
                                 position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
         return torch.softmax(logits[:, self.answer_ids].float(), dim=-1)[:, 0].tolist()
 
-    def judge(self, pairs: list[Pair]) -> list[Label]:
-        jobs = []  # (pair index, order, prompt ids); both orders of a pair are adjacent, so mostly in one batch
-        too_long = []
+    def batches(self, pairs: list[Pair]) -> list[list[tuple[int, str, list[int]]]]:
+        """The forward passes judging `pairs` takes: batches of (pair index, order, prompt ids), both orders of a
+        pair adjacent (so mostly in one batch); pairs with a prompt over max_length are counted and left out."""
+        jobs, too_long = [], []
         for index, pair in enumerate(pairs):
             ab = self.prompt(pair, pair.response_a, pair.response_b)
             ba = self.prompt(pair, pair.response_b, pair.response_a)
@@ -95,19 +96,34 @@ class LlmJudge:
             warn(f"{self.name}: {len(too_long)} pairs (the first from {too_long[0].source}) make a judge prompt "
                  f"longer than max_length={self.max_length} tokens; they stay unlabelled (raise "
                  "preferences.judge.max_length to judge them)")
-        p_a: dict[int, dict[str, float]] = {}
-        labels = []
-        for start in range(0, len(jobs), self.batch_size):
-            batch = jobs[start:start + self.batch_size]
-            for (index, order, _), p in zip(batch, self.p_first([ids for _, _, ids in batch])):
-                p_a.setdefault(index, {})[order] = p
-                if len(p_a[index]) == 2:
-                    labels.append(self._label(pairs[index], p_a[index]["ab"], p_a[index]["ba"]))
-                    if self.on_label:
-                        self.on_label(labels[-1])
+        return [jobs[start:start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
+
+    def answer(self, batch: list[tuple[int, str, list[int]]]) -> list[tuple[int, str, float]]:
+        """(pair index, order, p("A")) for each prompt of one batch."""
+        return [(index, order, p) for (index, order, _), p in zip(batch, self.p_first([ids for _, _, ids in batch]))]
+
+    def judge(self, pairs: list[Pair]) -> list[Label]:
+        collect = Collector(self, pairs, self.on_label)
+        return [label for batch in self.batches(pairs) for label in collect(self.answer(batch))]
+
+    def judge_in_processes(self, pairs: list[Pair]) -> list[Label]:
+        """judge() shared by the processes `accelerate launch` started: each answers every num_processes-th batch
+        and every process gets every answer; on_label is called on the main process only. Under ZeRO-3 each forward
+        gathers the layers from all processes, so every process runs the same number of forwards: one whose share
+        has run out repeats a batch and drops its answers."""
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        state = PartialState()
+        collect = Collector(self, pairs, on_label=self.on_label if state.is_main_process else None)
+        batches, labels = self.batches(pairs), []
+        for first in range(0, len(batches), state.num_processes):
+            mine = first + state.process_index
+            answers = self.answer(batches[min(mine, len(batches) - 1)])
+            labels += collect(gather_object(answers if mine < len(batches) else []))
         return labels
 
-    def _label(self, pair: Pair, p_a_first: float, p_a_swapped: float) -> Label:
+    def label(self, pair: Pair, p_a_first: float, p_a_swapped: float) -> Label:
         """`p_a_first` is p("A") with response_a shown as A; `p_a_swapped` p("A") with response_b shown as A."""
         def verdict(p: float) -> str:
             return "A" if p > 0.5 else "B" if p < 0.5 else "TIE"
@@ -118,3 +134,21 @@ class LlmJudge:
                       "tie": 0.5}[winner]
         verdicts.update(p_a_first=p_a_first, p_a_swapped=p_a_swapped)
         return Label(pair.id, winner, self.name, confidence, verdicts)
+
+
+class Collector:
+    """Turns answers into labels as both orders of a pair come in (in any order, from any process)."""
+
+    def __init__(self, judge: LlmJudge, pairs: list[Pair], on_label: Callable[[Label], None] | None):
+        self.judge, self.pairs, self.on_label = judge, pairs, on_label
+        self.p_a: dict[int, dict[str, float]] = {}
+
+    def __call__(self, answers: list[tuple[int, str, float]]) -> list[Label]:
+        labels = []
+        for index, order, p in answers:
+            self.p_a.setdefault(index, {})[order] = p
+            if len(self.p_a[index]) == 2:
+                labels.append(self.judge.label(self.pairs[index], self.p_a[index]["ab"], self.p_a[index]["ba"]))
+                if self.on_label:
+                    self.on_label(labels[-1])
+        return labels

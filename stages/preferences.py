@@ -123,6 +123,59 @@ def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
             bar.advance(task, len(batch))
 
 
+def _judges_in_processes(config: RunConfig) -> bool:
+    """With distributed launching, the llm judge (the one judge whose model may need sharding) runs in the launched
+    processes; sampling the candidates, and every other judge, stay in the runner's process."""
+    return config.distributed.enabled and config.preferences.judge.type == "llm"
+
+
+def label_launched(ctx: StageContext) -> dict:
+    """In each process `accelerate launch` started: the llm judge on the pairs (pairs.jsonl) it has not labelled
+    yet, shared by the processes; the main process stores each label as soon as both orders are read, so a kill
+    loses none."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from reward.build import build_judge, labels_path
+    from reward.importers import load_pairs
+
+    state = PartialState()
+    pairs = load_pairs(ctx.stage_dir / "pairs.jsonl")
+    store = LabelStore(labels_path(ctx.config, ctx.run_dir)) if state.is_main_process else None
+    # What is left to label, as the one process that reads and writes the label file sees it.
+    left = [[pair.id for pair in pairs if not store.is_labelled(pair.id)] if store is not None else None]
+    broadcast_object_list(left)
+    left = set(left[0])
+    todo = [pair for pair in pairs if pair.id in left]
+    log(f"{NAME}: {len(pairs) - len(todo)} of {len(pairs)} pairs already labelled by this judge; {len(todo)} to "
+        f"label in {state.num_processes} processes")
+    judge = build_judge(ctx.config.preferences.judge, ctx.config, ctx.run_dir,
+                        store.add if store is not None else None)
+    judge.model = _on_processes(ctx, judge.model)
+    try:
+        judge.judge_in_processes(todo)
+    finally:
+        if store is not None:
+            store.close()
+    return {}
+
+
+def _on_processes(ctx: StageContext, model):
+    """The judge model on this process's device: under ZeRO-3 sharded over the processes (TRL's prepare_deepspeed,
+    which TRL uses for its reference models), otherwise a whole copy in each."""
+    from accelerate import Accelerator, PartialState
+
+    from pipeline.launch import deepspeed_plugin
+
+    plugin = deepspeed_plugin(ctx.config.distributed, ctx.config.preferences.judge.batch_size,
+                              model.config.hidden_size)
+    if plugin is None:
+        return model.to(PartialState().device)
+    from trl.models.utils import prepare_deepspeed
+
+    return prepare_deepspeed(model, Accelerator(deepspeed_plugin=plugin))
+
+
 def _label_by_person(ctx: StageContext, pairs: list[Pair], todo: int, store: LabelStore) -> None:
     resume = f"python -m pipeline label --run-dir {ctx.run_dir}"
     if not sys.stdin.isatty():
@@ -174,9 +227,16 @@ def run(ctx: StageContext) -> dict:
     write_pairs(ctx.stage_dir / "pairs.jsonl", pairs)
 
     # 2. Labels, kept per judge across re-runs.
+    in_processes = _judges_in_processes(ctx.config)
+    if in_processes:
+        from pipeline.launch import run_launched
+
+        log(f"{NAME}: the llm judge runs in the launched processes; they store its labels")
+        run_launched(ctx, entry="stages.preferences:label_launched")
     with LabelStore(labels_path(ctx.config, ctx.run_dir)) as store:
         ctx.record(labels_file=str(store.path))
-        _label(ctx, pairs, store)
+        if not in_processes:
+            _label(ctx, pairs, store)
         labels = [store.get(pair.id) for pair in pairs if store.is_labelled(pair.id)]
 
     # 3. Chosen/rejected rows, counts, agreement.

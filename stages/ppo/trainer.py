@@ -235,28 +235,15 @@ def _checkpoint(accelerator, path: Path) -> None:
 
 
 def _deepspeed(ctx: StageContext, module):
-    """The DeepSpeed plugin for distributed.deepspeed, its "auto" values filled from ppo.trainer: accelerate fills them
-    from a prepared dataloader and the model's config, and this loop has neither."""
-    from accelerate.utils import DeepSpeedPlugin
+    """The DeepSpeed plugin for distributed.deepspeed: each mini-batch is one optimiser step, its gradients averaged
+    over the processes; clipping is DeepSpeed's. None without DeepSpeed."""
+    from pipeline.launch import deepspeed_plugin
 
-    dist, cfg = ctx.config.distributed, ctx.config.ppo.trainer
-    if not dist.deepspeed:
-        return None
-    plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
-    ds = plugin.deepspeed_config
-    hidden = module.policy.config.hidden_size
-    # Each mini-batch is one optimiser step, its gradients averaged over the processes; clipping is DeepSpeed's.
-    filled = {"train_micro_batch_size_per_gpu": cfg.mini_batch_size, "gradient_accumulation_steps": 1,
-              "train_batch_size": cfg.mini_batch_size * dist.world_size, "gradient_clipping": cfg.max_grad_norm}
-    zero = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-            "stage3_param_persistence_threshold": 10 * hidden}  # the sizes transformers' Trainer picks
-    for key, value in filled.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    for key, value in zero.items():
-        if ds.get("zero_optimization", {}).get(key) == "auto":
-            ds["zero_optimization"][key] = value
-    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW over the adapters and the value head
+    cfg = ctx.config.ppo.trainer
+    plugin = deepspeed_plugin(ctx.config.distributed, cfg.mini_batch_size, module.policy.config.hidden_size,
+                              cfg.max_grad_norm)
+    if plugin is not None:
+        plugin.deepspeed_config["zero_allow_untested_optimizer"] = True  # torch's AdamW over adapters and value head
     return plugin
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,8 +70,23 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
     """Under ZeRO-3 every forward gathers weights from both processes, so one that finished sampling must keep
     stepping while the other samples on: the ZeRO-3 run uses a model whose responses are often empty."""
     run_dir = tmp_path / "run"
-    model = _model_that_often_stops_at_once(tmp_path, tiny_model_dir) if zero == "zero3" else "tiny-random-smollm2"
-    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo"), *SHORT,
+    if zero == "zero3":  # and the llm judge, its model sharded over the two processes, labels the pairs
+        model = _model_that_often_stops_at_once(tmp_path, tiny_model_dir)
+        shipped = [json.loads(line) for line in
+                   (REPO / "data/preferences/beekeeping_pairs.jsonl").read_text().splitlines()[:40]]
+        pairs, rows = tmp_path / "pairs.jsonl", tmp_path / "rows.jsonl"
+        pairs.write_text("".join(json.dumps(pair) + "\n" for pair in shipped))
+        # The random judge answers by position (a tie in both orders), so rm and dpo train on the file's own labels.
+        rows.write_text("".join(json.dumps({
+            "prompt": pair["prompt"], "chosen": pair["response_" + pair["winner"]],
+            "rejected": pair["response_" + ("b" if pair["winner"] == "a" else "a")]}) + "\n"
+            for pair in shipped if pair["winner"] != "tie"))
+        judge = ["--set", f"preferences.pairs={pairs}", "--set", "preferences.judge.type=llm",
+                 "--set", "preferences.judge.path=null", "--set", "preferences.judge.batch_size=4",
+                 "--set", f"rm.data.train={rows}", "--set", f"dpo.data.train={rows}"]
+    else:
+        model, judge = "tiny-random-smollm2", []
+    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo"), *SHORT, *judge,
                  "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2",
                  "--set", f"model.name_or_path={model}")
     for stage in ("sft", "rm", "dpo", "ppo"):
@@ -94,6 +110,25 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
         responses = [row["response"] for line in (run_dir / "ppo" / "samples.jsonl").read_text().splitlines()
                      for row in json.loads(line)["samples"]]
         assert "" in responses and any(responses), f"expected empty and non-empty responses, got {responses}"
+        _assert_labels_as_in_one_process(run_dir, model)
+
+
+def _assert_labels_as_in_one_process(run_dir, model: str) -> None:
+    """The labels the two processes stored are the ones the judge gives in one process, every pair labelled once."""
+    from pipeline.config import ModelConfig
+    from reward.importers import load_pairs
+    from reward.llm_judge import LlmJudge
+    from reward.pairs import LabelStore
+
+    pairs = load_pairs(run_dir / "preferences" / "pairs.jsonl")
+    with LabelStore(_manifest(run_dir, "preferences")["labels_file"]) as store:
+        stored = {label.pair_id: label for label in store.labels()}
+    assert len(stored) == len(pairs) == 40
+    expected = LlmJudge.from_path(Path(model), ModelConfig(model), batch_size=4).judge(pairs)
+    for label in expected:
+        got = stored[label.pair_id]
+        assert got.winner == label.winner
+        assert got.verdicts["p_a_first"] == pytest.approx(label.verdicts["p_a_first"], abs=1e-4)
 
 
 @pytest.mark.timeout(900)
