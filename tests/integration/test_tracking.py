@@ -14,7 +14,8 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 SHORT = [f"--set={key}" for key in (
     "tracking.report_to=[wandb, tensorboard]", "cpt.trainer.max_steps=2", "sft.trainer.max_steps=4",
     "sft.trainer.eval_steps=2", "rm.trainer.max_steps=2", "dpo.trainer.max_steps=2", "ppo.trainer.max_steps=2",
-    "ppo.trainer.sample_every=1", "evaluation.max_prompts=2", "sft.data.eval_split=0.03", "rm.data.eval_split=0.03",
+    "ppo.trainer.sample_every=1", "ppo.trainer.rollout_batch_size=4", "ppo.trainer.num_ppo_epochs=1",
+    "evaluation.max_prompts=2", "evaluation.max_references=2", "sft.data.eval_split=0.03", "rm.data.eval_split=0.03",
     "dpo.data.eval_split=0.03", "ppo.data.eval_split=0.02")]
 # Per stage, metric keys its W&B history must hold: the trainers' curves and the stage's own results.
 EXPECTED = {
