@@ -95,6 +95,9 @@ class DataConfig:
     """Maps our field names to the file's, e.g. {instruction: question, output: answer}."""
     delimiters: dict = field(default_factory=dict)
     """For the delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
+    general_eval: str | None = None
+    """cpt: general (not domain) text, .txt/.jsonl/.json like train, whose perplexity before and after training shows
+    what the domain training cost elsewhere (forgetting); e.g. data/general/general.txt."""
 
 
 @dataclass
@@ -204,6 +207,9 @@ class EvaluationConfig:
     measure: str | None = None
     """A held-out check never trained on: 'module:function' (prompt, response) -> float, averaged over the
     responses before and after (the demo: reward.rules:is_specific)."""
+    max_references: int = 16
+    """sft: this many held-out conversations are answered by the trained policy (sampled as above) and the answers
+    scored against the held-out ones with BLEU and ROUGE; 0 skips that."""
 
 
 @dataclass
@@ -303,7 +309,7 @@ class RunConfig:
     dpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    """How dpo and ppo are evaluated against their starting policy."""
+    """How dpo and ppo are evaluated against their starting policy, and how sft's answers are sampled."""
 
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -414,6 +420,8 @@ def _check_values(config: RunConfig) -> None:
             if key not in ("start", "sep", "eos"):
                 raise ConfigError(f"{config.source}: unknown key '{name}.data.delimiters.{key}'"
                                   f"{suggest(key, ('start', 'sep', 'eos'))}")
+        if stage.data.general_eval and name != "cpt":
+            raise ConfigError(f"{config.source}: {name}.data.general_eval: only cpt evaluates on general text")
         if not 0 <= stage.data.eval_split < 1:
             raise ConfigError(f"{config.source}: {name}.data.eval_split must be in [0, 1), got {stage.data.eval_split}")
     _check_preferences(config)
@@ -455,6 +463,8 @@ def _check_evaluation(config: RunConfig) -> None:
             raise ConfigError(f"{source}: evaluation.judge.{key} is required for judge type {judge.type}")
     if evaluation.max_new_tokens < 1 or evaluation.batch_size < 1 or evaluation.temperature <= 0:
         raise ConfigError(f"{source}: evaluation needs max_new_tokens >= 1, batch_size >= 1 and temperature > 0")
+    if evaluation.max_references < 0:
+        raise ConfigError(f"{source}: evaluation.max_references must be >= 0, got {evaluation.max_references}")
 
 
 def _check_preferences(config: RunConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from pipeline.artifacts import read_manifest, write_manifest
@@ -72,6 +73,14 @@ class StageContext:
         manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
         manifest.update(fields)
         write_manifest(self.stage_dir, manifest)
+
+    @cached_property
+    def tracker(self):
+        """The stage's W&B run and TensorBoard writer (pipeline.tracking), its W&B run id from the manifest."""
+        from pipeline.tracking import StageTracker
+
+        run_id = (read_manifest(self.stage_dir) or {}).get("wandb_run_id")
+        return StageTracker(self.config, self.run_dir or self.stage_dir.parent, self.name, run_id)
 
     def callbacks(self) -> list:
         from pipeline.callbacks import CheckpointMarker, MetricsFile

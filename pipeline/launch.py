@@ -205,16 +205,19 @@ def worker(spec_path: Path) -> int:
     config = load_config(spec["config"])
     ctx = _context_from_dict(spec, config)
     _start_process_group()
-    if spec.get("entry"):
+    if spec.get("entry"):  # a part of a stage the runner runs, and tracks, itself
         module, function = spec["entry"].split(":")
         run = getattr(importlib.import_module(module), function)
     else:
         run = STAGES[ctx.name].run
+        ctx.tracker.start()  # the stage's W&B run, on the main process, before its trainer looks for one
     try:
         metrics = run(ctx)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        ctx.tracker.finish()  # the runner reopens it for the results it adds (evaluation on the saved model)
     if is_main_process():
         write_json_atomic(ctx.stage_dir / RESULT, metrics)
     return 0

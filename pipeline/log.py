@@ -23,3 +23,21 @@ def log(message: str, style: str | None = None, markup: bool = True) -> None:
 
 def warn(message: str) -> None:
     log(f"warning: {message}", style="yellow")
+
+
+def progress():
+    """A Rich progress display (bar, done/total, elapsed, ETA) drawn by the main process only; transient, so the log
+    keeps the messages rather than finished bars. Only one can be live at a time: never open one inside another."""
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not is_main_process())
+
+
+def track(items, description: str, total: int | None = None):
+    """Iterate over `items` under a progress bar (see progress)."""
+    with progress() as bar:
+        yield from bar.track(items, total=total, description=description)

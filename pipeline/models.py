@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ModelConfig, PeftConfig, suggest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log
+from pipeline.log import log, progress
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random-smollm2")
@@ -54,7 +54,9 @@ def _materialise(name: str, target: Path) -> None:
     try:
         if name == "smollm2-135m-instruct":
             log(f"Converting SmolLM2-135M-Instruct from GGUF to safetensors in {target} (once, ~20 s)...")
-            _convert_smollm2(staging)
+            with progress() as bar:  # one call with no steps to count: the bar shows the time it has taken
+                bar.add_task("converting", total=None)
+                _convert_smollm2(staging)
         else:
             log(f"Building the tiny random model in {target} (once)...")
             _build_tiny_random(staging)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.data import Conversation, Document
 from pipeline.errors import ConfigError
+from pipeline.log import track
 
 IGNORE = -100
 
@@ -69,7 +70,7 @@ def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
 
 def tokenize_conversations(tokenizer, conversations: list[Conversation], max_length: int) -> Tokenized:
     result = Tokenized(rows=[])
-    for conversation in conversations:
+    for conversation in track(conversations, "tokenizing conversations"):
         input_ids, labels = render_conversation(tokenizer, conversation.messages)
         result.longest = max(result.longest, len(input_ids))
         if len(input_ids) > max_length:
@@ -82,7 +83,7 @@ def tokenize_conversations(tokenizer, conversations: list[Conversation], max_len
 def tokenize_documents(tokenizer, documents: list[Document], block_size: int) -> Tokenized:
     """Concatenate documents (EOS between them) and cut into blocks of block_size; nothing is dropped but the tail."""
     stream: list[int] = []
-    for document in documents:
+    for document in track(documents, "tokenizing documents"):
         stream += tokenizer(document.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
     # A short final block still trains: keep it unless it is too short to carry signal.

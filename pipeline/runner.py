@@ -263,26 +263,31 @@ class Runner:
                             deepspeed=self.config.distributed.deepspeed or None)
         manifest.setdefault("wandb_run_id", tracking.new_run_id())
         write_manifest(stage_dir, manifest)
-        tracking.configure(self.config.tracking, self.run_dir, self.run_name, decision.stage, manifest["wandb_run_id"])
+        tracking.configure(self.run_dir, decision.stage)
         ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from,
                            decision.data_from, self.run_dir)
-        run = launch.run_launched if launch.launches(self.config, decision.stage) else STAGES[decision.stage].run
+        launched = launch.launches(self.config, decision.stage)
+        if not launched:  # a launched stage's main process opens the run (pipeline.launch.worker)
+            ctx.tracker.start()  # before any trainer: their W&B callback logs into the run it finds open
+        run = launch.run_launched if launched else STAGES[decision.stage].run
         try:
             metrics = run(ctx)
         except BaseException as exc:
-            tracking.finish()
+            ctx.tracker.finish()
             manifest = read_manifest(stage_dir)
             interrupted = isinstance(exc, KeyboardInterrupt)
             status = "interrupted" if interrupted else getattr(exc, "status", "failed")
             manifest.update(status=status, error=None if interrupted else str(exc))
             write_manifest(stage_dir, manifest)
             raise
-        tracking.finish()
         manifest = read_manifest(stage_dir)
+        metrics = {**manifest.get("metrics", {}), **metrics}  # with what the stage recorded on the way (baselines)
+        ctx.tracker.log(metrics, step=metrics.get("train/steps", 0))  # the stage's results beside its curves
+        ctx.tracker.finish()
         finished = time.time()
         manifest.update(
             status="completed", finished_at=finished, duration_s=round(finished - manifest["started_at"], 1),
-            metrics={**manifest.get("metrics", {}), **metrics}, output_hash=hash_path(stage_dir / "final"), error=None,
+            metrics=metrics, output_hash=hash_path(stage_dir / "final"), error=None,
         )
         write_manifest(stage_dir, manifest)
 

@@ -25,12 +25,19 @@ def tokenize(config: RunConfig, tokenizer, train_docs: list, eval_docs: list, ma
     return tokenize_documents(tokenizer, train_docs, max_length), tokenize_documents(tokenizer, eval_docs, max_length)
 
 
+def general_text(config: RunConfig) -> list:
+    """The general text of the forgetting check (data.general_eval), none when it is not configured."""
+    data = config.cpt.data
+    return load_texts(Path(data.general_eval), data.columns) if data.general_eval else []
+
+
 def run(ctx) -> dict:
-    return lm.run_stage(ctx, load, tokenize)
+    return lm.run_stage(ctx, load, tokenize, general=general_text(ctx.config))
 
 
 def check(config: RunConfig) -> str:
-    return lm.check(config, NAME, load)
+    general = general_text(config)
+    return lm.check(config, NAME, load) + (f", {len(general)} general-text documents" if general else "")
 
 
 def data_files(config: RunConfig) -> dict:

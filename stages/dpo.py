@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log, warn
+from pipeline.log import log, track, warn
 from pipeline.render import response_ids
 from reward.pairs import PreferenceRow
 from stages import lm, preference_data
@@ -50,7 +50,7 @@ def _rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[d
     """Conversational rows for DPOTrainer (it applies the same chat template we render with); pairs whose longer
     side exceeds max_length are counted out rather than truncated, so no response is trained on half its text."""
     kept = []
-    for row in rows:
+    for row in track(rows, "tokenizing pairs"):
         longest = max(len(response_ids(tokenizer, row.prompt, row.chosen)),
                       len(response_ids(tokenizer, row.prompt, row.rejected)))
         if longest <= max_length:
@@ -91,6 +91,7 @@ def run(ctx: StageContext) -> dict:
     from trl.trainer.callbacks import RichProgressCallback
 
     from pipeline.models import load_tokenizer
+    from stages.metrics import loss_curves, overfitting
 
     train_rows, eval_rows = load(ctx.config, ctx.data_from)
     if not train_rows:
@@ -125,7 +126,8 @@ def run(ctx: StageContext) -> dict:
         metrics.update(lm.evaluated_at_start(trainer, {"dpo/eval_accuracy_before": "eval_rewards/accuracies",
                                                        "dpo/eval_margin_before": "eval_rewards/margins"}))
         metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
-                        "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss")})
+                        "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss"),
+                        "eval/overfitting": overfitting(*loss_curves(trainer.state.log_history, "eval_loss"))})
         log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
             f"{metrics['dpo/eval_margin']:.3f}")
     lm.save_trained(trainer, tokenizer, ctx.final_dir)

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.config import SamplingConfig
 from pipeline.context import StageContext
-from pipeline.log import log
+from pipeline.log import log, track
 from pipeline.render import prompt_ids, response_ids
 from reward.pairs import Pair
 
@@ -31,7 +31,7 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
                       batch_size: int = 8) -> list[float]:
     """sum_t log p(response token t | prompt, earlier tokens) for each (prompt, response), end-of-turn included."""
     totals = []
-    for start in range(0, len(prompts), batch_size):
+    for start in track(range(0, len(prompts), batch_size), "log-probabilities of the responses"):
         rows = []
         for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
             context = prompt_ids(tokenizer, prompt)
@@ -111,12 +111,35 @@ def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) ->
         scores_new = [float(measure(p, r)) for p, r in zip(prompts, new)]
         metrics["eval/measure_before"] = sum(scores_old) / len(prompts)
         metrics["eval/measure_after"] = sum(scores_new) / len(prompts)
-    _write_samples(ctx.stage_dir / "eval_samples.jsonl", prompts, old, new, winners, scores_old, scores_new)
+    samples = _write_samples(ctx.stage_dir / "eval_samples.jsonl", prompts, old, new, winners, scores_old, scores_new)
+    ctx.tracker.log_table("eval/samples", list(samples[0]), [list(sample.values()) for sample in samples])
     log(f"{ctx.name}: win rate over the starting policy {_pct(metrics['eval/win_rate'])} "
         f"({wins} wins, {ties} ties, {losses} losses, judge {judge.name}); KL to it {kl:.3f} nats per response"
         + (f"; {evaluation.measure} {metrics['eval/measure_before']:.3f} → {metrics['eval/measure_after']:.3f}"
            if evaluation.measure else ""))
     return metrics
+
+
+def answer_references(ctx: StageContext, model, tokenizer, conversations: list) -> dict:
+    """sft's held-out conversations answered by the trained policy: each conversation up to its last (assistant)
+    turn is the prompt and that turn the reference; BLEU and ROUGE of the answers against the references."""
+    from stages.metrics import text_overlap
+
+    held_out = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
+    held_out = held_out[: ctx.config.evaluation.max_references]
+    if not held_out:
+        return {}
+    prompts = [list(c.messages[:-1]) for c in held_out]
+    references = [c.messages[-1]["content"] for c in held_out]
+    log(f"{ctx.name}: answering {len(prompts)} held-out prompts to compare with their reference answers")
+    model.eval()
+    answers = _sample(model, tokenizer, prompts, ctx, "references")
+    overlap = text_overlap(answers, references)
+    ctx.tracker.log_table("eval/samples", ["prompt", "reference", "answer"],
+                          [[p[-1]["content"], r, a] for p, r, a in zip(prompts, references, answers)])
+    log(f"{ctx.name}: against the reference answers BLEU {overlap['bleu']:.3f}, ROUGE-1 {overlap['rouge1']:.3f}, "
+        f"ROUGE-L {overlap['rougeL']:.3f}")
+    return {"eval/references": len(prompts), **{f"eval/{name}": value for name, value in overlap.items()}}
 
 
 def _adapter_off(model):
@@ -134,11 +157,13 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _write_samples(path: Path, prompts, old, new, winners, scores_old, scores_new) -> None:
+def _write_samples(path: Path, prompts, old, new, winners, scores_old, scores_new) -> list[dict]:
+    samples = [{"prompt": prompt[-1]["content"], "start": before, "policy": after, "winner": winner,
+                "measure_start": s_old, "measure_policy": s_new}
+               for prompt, before, after, winner, s_old, s_new in zip(prompts, old, new, winners, scores_old, scores_new)]
     with open(path, "w", encoding="utf-8") as f:
-        for prompt, before, after, winner, s_old, s_new in zip(prompts, old, new, winners, scores_old, scores_new):
-            f.write(json.dumps({"prompt": prompt[-1]["content"], "start": before, "policy": after, "winner": winner,
-                                "measure_start": s_old, "measure_policy": s_new}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
+    return samples
 
 
 def compare_saved(ctx: StageContext) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SamplingConfig
-from pipeline.log import console, log
+from pipeline.log import log, progress
 from pipeline.render import prompt_ids
 
 
@@ -49,8 +49,6 @@ def _read_done(path: Path) -> dict[int, dict]:
 def sample_responses(model, tokenizer, prompts: list[list[dict]], sampling: SamplingConfig, seed: int,
                      progress_file: Path) -> Samples:
     """`sampling.num_responses` responses for every prompt; finished batches are kept in `progress_file`."""
-    from rich.progress import Progress
-
     done = _read_done(progress_file)
     if done:
         log(f"sampling: {len(done)} batches already sampled in {progress_file.name}; continuing after them")
@@ -59,8 +57,7 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], sampling: Samp
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last token of every row
     try:
-        with open(progress_file, "a", encoding="utf-8") as sink, \
-                Progress(console=console, transient=True) as bar:
+        with open(progress_file, "a", encoding="utf-8") as sink, progress() as bar:
             task = bar.add_task("sampling", total=len(batches), completed=len(done))
             for index, batch in enumerate(batches):
                 if index in done:

@@ -79,9 +79,35 @@ def evaluated_at_start(trainer, names: dict) -> dict:
     """{our name: value} for the trainer's metrics `names` maps to, from the baseline evaluation (eval_on_start, at
     step 0). Checkpoints keep the log, so a resumed stage still finds them; one resumed from a checkpoint written
     without them keeps what the manifest already holds."""
-    start = next((entry for entry in trainer.state.log_history
-                  if entry.get("step") == 0 and any(key.startswith("eval_") for key in entry)), {})
+    start = {}
+    for entry in trainer.state.log_history:  # one entry per held-out set
+        if entry.get("step") == 0 and any(key.startswith("eval_") for key in entry):
+            start.update(entry)
     return {ours: start[theirs] for ours, theirs in names.items() if theirs in start}
+
+
+def held_out_metrics(trainer, after: dict) -> dict:
+    """Loss and perplexity on each held-out set before (eval_on_start) and after training, and whether the model
+    overfits its training data (stages.metrics.overfitting). With several sets (cpt's domain and general text) the
+    trainer names their metrics eval_<set>_loss."""
+    from stages.metrics import loss_curves, overfitting, perplexity
+
+    if isinstance(trainer.eval_dataset, dict):
+        names = {"eval/loss": "eval_domain_loss", "eval/general_loss": "eval_general_loss"}
+    else:
+        names = {"eval/loss": "eval_loss"}
+    before = evaluated_at_start(trainer, names)
+    metrics = {}
+    for ours, theirs in names.items():
+        if theirs in after:
+            metrics[ours] = after[theirs]
+            metrics[ours.replace("loss", "perplexity")] = perplexity(after[theirs])
+        if ours in before:
+            metrics[f"{ours}_before"] = before[ours]
+            metrics[f"{ours}_before".replace("loss", "perplexity")] = perplexity(before[ours])
+    if "eval/loss" in metrics:
+        metrics["eval/overfitting"] = overfitting(*loss_curves(trainer.state.log_history, names["eval/loss"]))
+    return metrics
 
 
 def stage_defaults(config, has_eval: bool) -> dict:
@@ -139,7 +165,7 @@ def check(config, name: str, load) -> str:
 
 def data_files(config, name: str) -> dict:
     data = config.stage(name).data
-    return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
+    return {key: getattr(data, key) for key in ("train", "eval", "general_eval") if getattr(data, key)}
 
 
 def save_merged_base(ctx: StageContext, merged_model, tokenizer) -> Path:
@@ -160,8 +186,10 @@ def max_length(trainer: dict) -> int:
     return trainer.get("max_length") or SFTConfig.__dataclass_fields__["max_length"].default
 
 
-def run_stage(ctx: StageContext, load, tokenize) -> dict:
-    """The whole of a cpt or sft stage: parse, tokenize (counting what is dropped), train."""
+def run_stage(ctx: StageContext, load, tokenize, general: list | None = None, answer=None) -> dict:
+    """The whole of a cpt or sft stage: parse, tokenize (counting what is dropped), train, evaluate. `general`:
+    records of general text, evaluated beside the held-out ones to show forgetting; `answer(ctx, model, tokenizer,
+    eval_records) -> metrics`: a further evaluation of the trained model on the held-out records."""
     train_records, eval_records = load(ctx.config)
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     limit = max_length(ctx.section.trainer)
@@ -180,34 +208,51 @@ def run_stage(ctx: StageContext, load, tokenize) -> dict:
         "data/train_sequences": len(train_tok.rows), "data/eval_sequences": len(eval_tok.rows),
         "data/dropped_too_long": dropped,
     }
-    return train(ctx, tokenizer, train_tok.rows, eval_tok.rows, data_metrics)
+    eval_sets = {"domain": eval_tok.rows}
+    if general:
+        general_tok = tokenize(ctx.config, tokenizer, [], general, limit)[1]
+        log(f"{ctx.name}: {len(general_tok.rows)} sequences of general text for the forgetting check "
+            f"({general_tok.dropped_too_long} over max_length left out)")
+        eval_sets["general"] = general_tok.rows
+        data_metrics["data/general_sequences"] = len(general_tok.rows)
+    metrics, model = train(ctx, tokenizer, train_tok.rows, eval_sets, data_metrics)
+    if answer is not None and eval_records:
+        if ctx.config.distributed.enabled:
+            log(f"{ctx.name}: answering held-out prompts is skipped in launched processes (sampling a sharded "
+                "model is slow); run the stage without distributed: to get it", style="yellow")
+        else:
+            metrics.update(answer(ctx, model, tokenizer, eval_records))
+    return metrics
 
 
-def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_rows: list[dict], data_metrics: dict) -> dict:
-    """Train with SFTTrainer on pre-tokenized rows, resume if asked, save final/ atomically; return metrics."""
+def train(ctx: StageContext, tokenizer, train_rows: list[dict], eval_sets: dict[str, list[dict]],
+          data_metrics: dict) -> tuple[dict, object]:
+    """Train with SFTTrainer on pre-tokenized rows, resume if asked, save final/ atomically; return (metrics, the
+    trained model). `eval_sets`: held-out rows by name; more than one (cpt's general text) is evaluated set by set."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.callbacks import RichProgressCallback
 
     model, base_dir = load_training_model(ctx, tokenizer)
-    trainer_keys = {**stage_defaults(ctx.config, has_eval=bool(eval_rows)), **ctx.section.trainer}
-    args = trainer_args(SFTConfig, ctx.name, trainer_keys, ctx.config.seed, **managed_args(ctx, bool(eval_rows)))
+    eval_sets = {name: Dataset.from_list(rows) for name, rows in eval_sets.items() if rows}
+    has_eval = bool(eval_sets)
+    trainer_keys = {**stage_defaults(ctx.config, has_eval=has_eval), **ctx.section.trainer}
+    args = trainer_args(SFTConfig, ctx.name, trainer_keys, ctx.config.seed, **managed_args(ctx, has_eval))
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        eval_dataset=eval_sets if "general" in eval_sets else eval_sets.get("domain"),
         callbacks=[*ctx.callbacks(), RichProgressCallback()],
     )
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the Rich panel and metrics.jsonl have them
     metrics = {**data_metrics, **run_training(ctx, trainer)}
-    if eval_rows:
+    if has_eval:
         trainer.pop_callback(RichProgressCallback)
-        metrics.update(evaluated_at_start(trainer, {"eval/loss_before": "eval_loss"}))
-        metrics["eval/loss"] = trainer.evaluate()["eval_loss"]
+        metrics.update(held_out_metrics(trainer, trainer.evaluate()))
     save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))  # the weights final/ applies to, for the stages after this one
-    return metrics
+    return metrics, trainer.model
 
 
 def run_training(ctx: StageContext, trainer) -> dict:

@@ -21,7 +21,7 @@ from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig, unused_judge_keys
 from pipeline.context import StageContext
 from pipeline.errors import PipelineError
-from pipeline.log import console, log, warn
+from pipeline.log import log, progress, warn
 from reward.pairs import LabelStore, Pair, preference_rows, write_pairs, write_preferences
 
 NAME = "preferences"
@@ -96,8 +96,6 @@ def _sampled_pairs(ctx: StageContext, prompts: list[tuple[list[dict], str]]) -> 
 
 def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
     """Put every unlabelled pair to the judge, storing each label as it is given."""
-    from rich.progress import Progress
-
     from reward.build import build_judge
 
     judge_cfg = ctx.config.preferences.judge
@@ -114,7 +112,7 @@ def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
             store.add(label)
 
     judge = build_judge(judge_cfg, ctx.config, ctx.run_dir, on_label)
-    with Progress(console=console, transient=True) as bar:
+    with progress() as bar:
         task = bar.add_task(f"judging ({judge.name})", total=len(todo))
         for start in range(0, len(todo), judge_cfg.batch_size):
             batch = todo[start:start + judge_cfg.batch_size]

@@ -19,7 +19,7 @@ from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log, warn
+from pipeline.log import log, track, warn
 from pipeline.render import response_ids
 from reward.pairs import PreferenceRow
 from stages import lm, preference_data
@@ -54,7 +54,7 @@ def check(config: RunConfig) -> str:
 def tokenize(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list, list[dict], int]:
     """(rows kept, their pre-tokenized chosen_ids/rejected_ids for TRL, how many pairs were over max_length)."""
     kept, tokenized = [], []
-    for row in rows:
+    for row in track(rows, "tokenizing pairs"):
         chosen = response_ids(tokenizer, row.prompt, row.chosen)
         rejected = response_ids(tokenizer, row.prompt, row.rejected)
         if max(len(chosen), len(rejected)) <= max_length:
@@ -84,13 +84,21 @@ def _reward_model(ctx: StageContext, tokenizer):
 
 
 def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_length: int) -> dict:
-    """Accuracy, mean margin and calibration of P(chosen wins) = sigmoid(r_chosen - r_rejected) on `rows`."""
+    """Accuracy, mean margin and calibration of P(chosen wins) = sigmoid(r_chosen - r_rejected) on `rows`, and F1 of
+    telling chosen from rejected responses by their reward alone, above or below the median of all of them: PPO
+    compares rewards across prompts (its advantages are whitened over a batch), which pairwise accuracy never tests."""
+    import statistics
+
     from reward.rm_judge import RewardModelJudge
+    from stages.metrics import binary_f1
 
     model.eval()
     scorer = RewardModelJudge(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    chosen = scorer.score([row.prompt for row in rows], [row.chosen for row in rows])
-    rejected = scorer.score([row.prompt for row in rows], [row.rejected for row in rows])
+    chosen, rejected = [], []
+    for start in track(range(0, len(rows), batch_size), "scoring held-out pairs"):
+        batch = rows[start:start + batch_size]
+        chosen += scorer.score([row.prompt for row in batch], [row.chosen for row in batch])
+        rejected += scorer.score([row.prompt for row in batch], [row.rejected for row in batch])
     margins = [c - r for c, r in zip(chosen, rejected)]
     # Calibration over the model's confidence in its own pick: max(p, 1 - p), binned, against how often it was right.
     table, ece = [], 0.0
@@ -106,8 +114,10 @@ def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_l
         ece += len(members) / len(margins) * abs(confidence - accuracy)
         table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": len(members),
                       "mean_confidence": round(confidence, 4), "accuracy": round(accuracy, 4)})
+    threshold = statistics.median(chosen + rejected)
+    f1 = binary_f1([r > threshold for r in chosen + rejected], [True] * len(chosen) + [False] * len(rejected))
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
-            "ece": ece, "calibration": table}
+            "ece": ece, "f1": f1, "calibration": table}
 
 
 def _sigmoid(x: float) -> float:
@@ -143,7 +153,8 @@ def run(ctx: StageContext) -> dict:
     batch_size = ctx.section.trainer.get("per_device_eval_batch_size", 8)
     if eval_rows and ctx.resume_from is None:
         before = evaluate(model, tokenizer, eval_rows, batch_size, limit)
-        ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"]})
+        ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"],
+                    "rm/eval_f1_before": before["f1"]})
     args = lm.trainer_args(RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
                            **lm.managed_args(ctx, has_eval=False))  # rm measures held-out accuracy itself
     trainer = RewardTrainer(
@@ -157,11 +168,14 @@ def run(ctx: StageContext) -> dict:
     if eval_rows:
         after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
         metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
-                        "rm/eval_ece": after["ece"]})
+                        "rm/eval_ece": after["ece"], "rm/eval_f1": after["f1"]})
         if trainer.is_world_process_zero():
             write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
+        ctx.tracker.log_table("rm/calibration", list(after["calibration"][0]),
+                              [list(row.values()) for row in after["calibration"]], metrics["train/steps"])
         log(f"{NAME}: held-out accuracy {after['accuracy']:.1%} on {len(eval_rows)} pairs, mean margin "
-            f"{after['margin']:.3f}, expected calibration error {after['ece']:.3f}")
+            f"{after['margin']:.3f}, expected calibration error {after['ece']:.3f}, F1 of chosen vs rejected by "
+            f"reward {after['f1']:.3f}")
         for row in after["calibration"]:
             log(f"  confidence {row['confidence']}: {row['pairs']:>4} pairs, accuracy "
                 f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.0%')}", markup=False)

@@ -31,7 +31,9 @@ def tokenize(config: RunConfig, tokenizer, train_convs: list, eval_convs: list, 
 
 
 def run(ctx) -> dict:
-    return lm.run_stage(ctx, load, tokenize)
+    from stages.evaluate import answer_references
+
+    return lm.run_stage(ctx, load, tokenize, answer=answer_references)
 
 
 def check(config: RunConfig) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.artifacts import COMPLETE_MARKER
 from pipeline.context import ModelSource, StageContext
-from pipeline.log import log
+from pipeline.log import log, track
 from stages import lm
 from stages.ppo import losses
 from stages.ppo.model import (
@@ -98,7 +98,7 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer, critic: ModelSource | No
     cfg = ctx.config.ppo.trainer
     module = build(ctx.config, base_dir, tokenizer, critic)
     optimizer = torch.optim.AdamW(module.trainable_parameters, lr=cfg.learning_rate)
-    accelerator = Accelerator(log_with=_trackers(ctx) or None, deepspeed_plugin=_deepspeed(ctx, module))
+    accelerator = Accelerator(deepspeed_plugin=_deepspeed(ctx, module))
     module, optimizer = accelerator.prepare(module, optimizer)
     register_checkpoint_hooks(accelerator, accelerator.unwrap_model(module))
     kl_controller = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
@@ -123,15 +123,12 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
     metrics = {}
     if ctx.resume_from is None and eval_prompts:
         ctx.record({"eval/score_mean_before": evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
-    if accelerator.log_with:
-        wandb = {"wandb": _wandb_run(config)} if "wandb" in config.tracking.report_to else {}
-        accelerator.init_trackers(config.tracking.project, init_kwargs=wandb)
     log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
         f"reference = {ctx.init.description}; critic = {critic.description if critic else 'an adapter on it'}")
     generator = torch.Generator()
     world, rank = accelerator.num_processes, accelerator.process_index
     last = _last_record(ctx.stage_dir / "metrics.jsonl")
-    for step in range(progress.step, cfg.max_steps):
+    for step in track(range(progress.step, cfg.max_steps), "ppo iterations"):
         started = time.perf_counter()
         seed = config.seed + step * world + rank
         generator.manual_seed(seed)
@@ -167,7 +164,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
             "ppo/tokens_per_s": per_sample[:, 3].sum().item() / (time.perf_counter() - started),
         }
         if accelerator.is_main_process:
-            _report(ctx, accelerator, progress.step, last, batch, raw_scores, rewards.sum(1))
+            _report(ctx, progress.step, last, batch, raw_scores, rewards.sum(1))
         # 8. Checkpoint: a complete one is the only kind a resume will ever pick.
         if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
             _checkpoint(accelerator, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
@@ -189,31 +186,29 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
             "train/steps": progress.step}
 
 
-def _report(ctx: StageContext, accelerator, step: int, metrics: dict, batch: Rollout, raw_scores, rewards) -> None:
+def _report(ctx: StageContext, step: int, metrics: dict, batch: Rollout, raw_scores, rewards) -> None:
     """metrics.jsonl (and the trackers) every logging_steps, a sample table every sample_every steps."""
     cfg = ctx.config.ppo.trainer
     if step == 1:
         ctx.record({"ppo/reward_mean_first": metrics["ppo/reward_mean"]})
     if step % cfg.logging_steps == 0 or step == cfg.max_steps:
         _append(ctx.stage_dir / "metrics.jsonl", {"step": step, **metrics})
-        accelerator.log(metrics, step=step)
+        ctx.tracker.log(metrics, step)
         log(f"{ctx.name} step {step}/{cfg.max_steps}: reward {metrics['ppo/reward_mean']:.3f} "
             f"kl {metrics['ppo/kl']:.3f} response length {metrics['ppo/response_length']:.1f}", markup=False)
     if step % cfg.sample_every == 0 or step == cfg.max_steps:
         rows = [{"prompt": prompt, "response": text, "score": float(s), "reward": float(r)}
                 for prompt, text, s, r in zip(batch.prompts, batch.texts, raw_scores, rewards)][:SAMPLES_PER_TABLE]
         _append(ctx.stage_dir / "samples.jsonl", {"step": step, "samples": rows})
-        if "wandb" in ctx.config.tracking.report_to:
-            table = [[r["prompt"][-1]["content"], r["response"], r["score"], r["reward"]] for r in rows]
-            accelerator.get_tracker("wandb").log_table("ppo/samples", ["prompt", "response", "score", "reward"],
-                                                       table, step=step)
+        ctx.tracker.log_table("ppo/samples", ["prompt", "response", "score", "reward"],
+                              [[r["prompt"][-1]["content"], r["response"], r["score"], r["reward"]] for r in rows], step)
 
 
 @torch.no_grad()
 def evaluate(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
     """Mean score of responses sampled (with a fixed seed, as in training) for the held-out prompts."""
     total = 0.0
-    for first in range(0, len(prompts), cfg.rollout_batch_size):
+    for first in track(range(0, len(prompts), cfg.rollout_batch_size), "scoring held-out prompts"):
         chunk = prompts[first:first + cfg.rollout_batch_size]
         total += sum(reward_fn(chunk, sample(module, tokenizer, chunk, cfg, seed + first)["texts"]))
     return total / len(prompts)
@@ -257,25 +252,6 @@ def gathered(params):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _trackers(ctx: StageContext) -> list:
-    """accelerate's trackers for tracking.report_to; TensorBoard writes to <stage>/tensorboard like the other stages."""
-    from accelerate.tracking import TensorBoardTracker
-
-    report_to = ctx.config.tracking.report_to
-    trackers = ["wandb"] if "wandb" in report_to else []
-    if "tensorboard" in report_to:
-        trackers.append(TensorBoardTracker("tensorboard", ctx.stage_dir))
-    return trackers
-
-
-def _wandb_run(config) -> dict:
-    """The stage's W&B run, named explicitly: wandb reads its environment once per process, so a stage that runs
-    after another in the same process would otherwise log into the earlier stage's run."""
-    env = os.environ
-    return {"id": env["WANDB_RUN_ID"], "name": env["WANDB_NAME"], "group": env["WANDB_RUN_GROUP"],
-            "job_type": env["WANDB_JOB_TYPE"], "dir": env["WANDB_DIR"], "resume": "allow", "config": config.to_dict()}
 
 
 def _append(path: Path, record: dict) -> None:

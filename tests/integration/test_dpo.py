@@ -24,6 +24,7 @@ def test_dpo_trains_a_lora_adapter_against_its_own_base(tmp_path):
     metrics = manifest["metrics"]
     assert metrics["data/train_pairs"] + metrics["data/eval_pairs"] == 228  # the 12 ties are not pairs to learn from
     assert 0 <= metrics["dpo/eval_accuracy"] <= 1 and metrics["dpo/eval_accuracy_before"] is not None
+    assert isinstance(metrics["eval/overfitting"], bool)
     adapter = load_safetensors_dir(tmp_path / "run" / "dpo" / "final")
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(t) for t in lora_b), "every LoRA B matrix moved off its zero init"

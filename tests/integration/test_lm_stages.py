@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
+import pytest
 import torch
 from conftest import REPO, load_safetensors_dir, run_pipeline
 
@@ -26,6 +28,11 @@ def test_sft_alone_completes_and_final_adapter_generates(tmp_path, tiny_model_di
     assert status["stages"]["cpt"]["status"] == "pending"
     metrics = status["stages"]["sft"]["metrics"]
     assert metrics["eval/loss"] < metrics["eval/loss_before"]
+    assert metrics["eval/perplexity"] == pytest.approx(math.exp(metrics["eval/loss"]))
+    assert metrics["eval/perplexity"] < metrics["eval/perplexity_before"]
+    assert metrics["eval/overfitting"] is False
+    # The held-out answers against their references (8 in smoke), scored by sacrebleu and rouge-score.
+    assert metrics["eval/references"] == 8 and all(0 <= metrics[k] <= 1 for k in ("eval/bleu", "eval/rouge1", "eval/rougeL"))
     assert metrics["data/dropped_too_long"] == 0
     lines = [json.loads(line) for line in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines if "loss" in line)
@@ -58,6 +65,11 @@ def test_cpt_then_sft_chain_skip_and_rerun(tmp_path):
     sft = json.loads((run_dir / "sft" / "stage.json").read_text())
     assert cpt["status"] == sft["status"] == "completed"
     assert sft["init"]["adapter"] == str(run_dir / "cpt" / "final"), "sft must start from cpt's adapter"
+    # cpt measured its held-out domain text and the shipped general text, before and after (forgetting).
+    assert cpt["metrics"]["data/general_sequences"] > 0  # 12 documents cut into max_length blocks
+    for key in ("eval/loss", "eval/perplexity", "eval/general_loss", "eval/general_perplexity"):
+        assert math.isfinite(cpt["metrics"][key]) and math.isfinite(cpt["metrics"][f"{key}_before"])
+    assert "eval/overfitting" in cpt["metrics"]
     assert (run_dir / "config.yaml").exists()
 
     # Unchanged: nothing runs again.

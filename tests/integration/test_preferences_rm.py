@@ -61,6 +61,7 @@ def test_shipped_pairs_then_rm(tmp_path):
 
     rm_metrics = stages["rm"]["metrics"]
     assert 0 <= rm_metrics["rm/eval_accuracy"] <= 1 and rm_metrics["data/eval_pairs"] > 0
+    assert 0 <= rm_metrics["rm/eval_f1"] <= 1 and 0 <= rm_metrics["rm/eval_f1_before"] <= 1
     calibration = json.loads((run_dir / "rm" / "calibration.json").read_text())["bins"]
     assert sum(row["pairs"] for row in calibration) == rm_metrics["data/eval_pairs"]
 

@@ -1,0 +1,58 @@
+"""Evaluation measures the stages share: perplexity, the overfitting rule, overlap with reference answers, F1."""
+
+from __future__ import annotations
+
+import math
+
+# Held-out loss must rise by more than this fraction above its best to count: tiny models wobble by less.
+OVERFIT_TOLERANCE = 0.01
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy in nats); capped where exp overflows."""
+    return math.exp(min(loss, 700.0))
+
+
+def loss_curves(log_history: list[dict], eval_key: str) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, training loss) and (step, held-out `eval_key`) pairs from a trainer's log history."""
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    held_out = [(entry["step"], entry[eval_key]) for entry in log_history if eval_key in entry]
+    return train, held_out
+
+
+def overfitting(train: list[tuple[int, float]], held_out: list[tuple[int, float]]) -> bool:
+    """Whether held-out loss rose after its best evaluation while training loss kept falling: the model learns its
+    training set at the expense of text it has not seen. "Falling" compares the mean training loss over the second
+    half of the steps logged between the best and the last evaluation with the mean over the first half (single
+    steps are too noisy to compare)."""
+    if len(held_out) < 2:
+        return False
+    best_step, best = min(held_out, key=lambda point: point[1])
+    last_step, last = held_out[-1]
+    if last_step <= best_step or last <= best * (1 + OVERFIT_TOLERANCE):
+        return False
+    span = [loss for step, loss in train if best_step < step <= last_step]
+    if len(span) < 2:
+        return False
+    half = len(span) // 2
+    return sum(span[half:]) / (len(span) - half) < sum(span[:half]) / half
+
+
+def text_overlap(responses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU (sacrebleu, its standard 13a tokenisation) and mean ROUGE-1 / ROUGE-L F1 (rouge-score, stemmed)
+    of responses against one reference each; both on a 0-1 scale."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(responses, [references]).score / 100
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(reference, response) for response, reference in zip(responses, references)]
+    return {"bleu": bleu, "rouge1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
+            "rougeL": sum(s["rougeL"].fmeasure for s in scores) / len(scores)}
+
+
+def binary_f1(predicted: list[bool], actual: list[bool]) -> float | None:
+    """F1 of the positive class; None when there is no positive to find and none was predicted."""
+    true_pos = sum(p and a for p, a in zip(predicted, actual))
+    denominator = sum(predicted) + sum(actual)
+    return 2 * true_pos / denominator if denominator else None
