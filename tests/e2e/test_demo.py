@@ -20,7 +20,8 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
                  "--set", "dpo.trainer.max_steps=2", "--set", "dpo.data.eval_split=0.05",
                  "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.max_new_tokens=16",
                  "--set", "ppo.trainer.rollout_batch_size=4", "--set", "ppo.trainer.mini_batch_size=2",
-                 "--set", "evaluation.max_prompts=4", "--set", "evaluation.max_new_tokens=16")
+                 "--set", "evaluation.max_prompts=4", "--set", "evaluation.max_new_tokens=16",
+                 "--set", "evaluation.max_references=4")
     preferences = json.loads((run_dir / "preferences" / "stage.json").read_text())
     rm = json.loads((run_dir / "rm" / "stage.json").read_text())
     assert preferences["status"] == rm["status"] == "completed"
