@@ -138,8 +138,9 @@ def headline(metrics: dict) -> str:
     if metrics.get("agreement/raw") is not None:
         parts.append(f"agreement {metrics['agreement/raw']:.0%}, κ {_fmt(metrics.get('agreement/kappa'))}")
     if metrics.get("rm/eval_accuracy") is not None:
+        f1 = metrics.get("rm/eval_f1")  # absent from runs made before rm measured it
         parts.append(f"held-out accuracy {_fmt(metrics.get('rm/eval_accuracy_before'))} → "
-                     f"{metrics['rm/eval_accuracy']:.3f}, F1 {_fmt(metrics.get('rm/eval_f1'), 3)}")
+                     f"{metrics['rm/eval_accuracy']:.3f}" + ("" if f1 is None else f", F1 {_fmt(f1, 3)}"))
     if metrics.get("dpo/eval_accuracy") is not None:
         parts.append(f"held-out reward accuracy {_fmt(metrics.get('dpo/eval_accuracy_before'))} → "
                      f"{metrics['dpo/eval_accuracy']:.3f}")
