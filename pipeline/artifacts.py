@@ -35,9 +35,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None where there is none (yet): files written atomically are whole or absent."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
 def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / "stage.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    return read_json(stage_dir / "stage.json")
 
 
 def write_manifest(stage_dir: Path, manifest: dict) -> None:

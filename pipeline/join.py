@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from pipeline.artifacts import read_manifest, write_json_atomic
+from pipeline.artifacts import read_json, read_manifest, write_json_atomic
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.log import log
@@ -49,7 +48,7 @@ def announced(run_dir: Path, config: RunConfig):
 
 def current_run_id(run_dir: Path) -> str | None:
     """The id launch.json files of this run carry, so a follower never joins a launch left by an earlier run."""
-    state = _read(run_dir / STATE)
+    state = read_json(run_dir / STATE)
     return state["run_id"] if state else None
 
 
@@ -64,7 +63,7 @@ def follow(run_dir: Path, machine_rank: int, timeout_s: float | None = None) -> 
     log(f"waiting for machine 0 to start a run in {run_dir}")
     run_id, joined = None, set()
     while deadline is None or time.monotonic() < deadline:
-        state = _read(run_dir / STATE)
+        state = read_json(run_dir / STATE)
         if state is None or (state["finished"] and state["run_id"] != run_id):
             time.sleep(POLL_S)  # no run yet, or only an earlier one that has ended
             continue
@@ -91,7 +90,7 @@ def _pending_launches(run_dir: Path, run_id: str, joined: set):
     """This run's launches not joined yet whose stage is still running on machine 0 (one it finished or gave up on
     needs no one: joining it would wait for a rendezvous that never comes)."""
     for spec_path in sorted(run_dir.glob("*/launch.json"), key=lambda p: p.stat().st_mtime):
-        spec = _read(spec_path)
+        spec = read_json(spec_path)
         if spec is None or spec.get("run_id") != run_id or spec["launch_id"] in joined:
             continue
         if (read_manifest(spec_path.parent) or {}).get("status") == "running":
@@ -102,10 +101,3 @@ def _check_machines(dist, machine_rank: int, spec_path: Path) -> None:
     if machine_rank >= dist.num_machines:
         raise PipelineError(f"{spec_path}: the run has distributed.num_machines={dist.num_machines}, so "
                             f"--machine-rank must be below {dist.num_machines}")
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None

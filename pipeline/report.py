@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.artifacts import write_text_atomic
+from pipeline.artifacts import read_json, write_text_atomic
 from pipeline.config import STAGE_ORDER
 from pipeline.errors import PipelineError
 
@@ -78,10 +78,6 @@ def read_jsonl(path: Path) -> list[dict]:
             if number < len(lines):
                 raise PipelineError(f"{path}:{number}: not JSON ({exc})") from None
     return records
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def load_stages(run_dir: Path) -> list[Stage]:
@@ -231,7 +227,7 @@ def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
 def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
     from pipeline import plots
 
-    calibration = _read_json(run_dir / stage.name / "calibration.json")
+    calibration = read_json(run_dir / stage.name / "calibration.json")
     if not calibration:
         return None
     m = stage.metrics
@@ -263,7 +259,7 @@ def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | 
     if m.get("preferences/order_flip_rate") is not None:
         labels.append(["verdict changed when the order was swapped", _pct(m["preferences/order_flip_rate"])])
     blocks = [f"Judge: {judge.get('type')}.", Table(["labels", "value"], labels)]
-    agreement = _read_json(run_dir / stage.name / "final" / "agreement.json")
+    agreement = read_json(run_dir / stage.name / "final" / "agreement.json")
     if agreement:
         values = {"raw agreement": agreement["raw"], "Cohen's κ": agreement["kappa"],
                   "tie rate (judge)": agreement["tie_rates"][0], "tie rate (reference)": agreement["tie_rates"][1]}
