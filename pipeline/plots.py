@@ -40,6 +40,14 @@ def _line(axis, curve: Curve, label: str, color: str | None = None, marker: bool
               markersize=4)
 
 
+def _finish(axis, title: str, xlabel: str) -> None:
+    """The title, axis label, grid and legend every panel of a grid has."""
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
 def loss_curves(stages: dict[str, dict[str, Curve]]) -> bytes:
     """One panel per stage: its training loss and, where it evaluated, its held-out loss, against the step."""
     figure, axes = _grid(len(stages))
@@ -48,10 +56,7 @@ def loss_curves(stages: dict[str, dict[str, Curve]]) -> bytes:
             _line(axis, curves["train"], "train loss", COLORS["train"])
         if "eval" in curves:
             _line(axis, curves["eval"], "held-out loss", COLORS["eval"], marker=True)
-        axis.set_title(stage)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _finish(axis, stage, "step")
     return _png(figure)
 
 
@@ -80,10 +85,7 @@ def ppo_curves(curves: dict[str, Curve]) -> bytes:
             twin = axis.twinx()
             _line(twin, curves["ppo/kl_coef"], "KL coefficient", "#888888")
             twin.set_ylabel("KL coefficient", color="#888888")
-        axis.set_title(title)
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _finish(axis, title, "iteration")
     return _png(figure)
 
 
