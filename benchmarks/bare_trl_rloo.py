@@ -55,7 +55,7 @@ def main(spec: dict) -> None:
         # RLOOConfig's defaults differ from the ppo stage: bf16 on, gradient checkpointing on, a linearly decaying
         # learning rate. The ppo stage keeps the model's dtype, no gradient checkpointing and a constant rate.
         # Its checkpoints are outside the time it reports, so this side saves none.
-        bf16=False, gradient_checkpointing=False, lr_scheduler_type="constant", save_strategy="no",
+        bf16=False, activation_checkpointing=False, lr_scheduler_type="constant", save_strategy="no",
         **spec["trainer"],
     )
     trainer = RLOOTrainer(

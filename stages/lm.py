@@ -52,13 +52,31 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "save_strategy": "steps",
         "disable_tqdm": True,  # the Rich progress callback replaces tqdm
-        **trainer,
+        **renamed_checkpointing(config_cls, stage, trainer),
         **managed,
     }
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{stage}.trainer: {exc}") from None
+
+
+def renamed_checkpointing(config_cls, stage: str, trainer: dict) -> dict:
+    """`trainer` with activation checkpointing under its transformers >= 5.24 name. transformers renamed
+    `gradient_checkpointing` to `activation_checkpointing` and warns whenever only the old name is set, which TRL's
+    configs always do (their default is True): passing the new name explicitly keeps TRL's default without the
+    warning (the old field then mirrors it), and a config written with the old name keeps working."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if "activation_checkpointing" not in fields:
+        return trainer
+    trainer = dict(trainer)
+    if "gradient_checkpointing" in trainer:
+        old = trainer.pop("gradient_checkpointing")
+        if trainer.setdefault("activation_checkpointing", old) != old:
+            raise ConfigError(f"{stage}.trainer sets gradient_checkpointing and activation_checkpointing to different "
+                              "values; keep activation_checkpointing (transformers' name since 5.24)")
+    trainer.setdefault("activation_checkpointing", fields["gradient_checkpointing"].default)
+    return trainer
 
 
 def managed_args(ctx: StageContext, has_eval: bool) -> dict:
@@ -116,9 +134,11 @@ def stage_defaults(config, has_eval: bool) -> dict:
     if config.peft.method == "prefix":
         # Prefix tuning feeds its prefix as a KV cache; recomputing a layer under activation checkpointing appends
         # the prefix to that cache twice and the attention shapes no longer match.
-        if any(config.stage(name).trainer.get("gradient_checkpointing") for name in ("cpt", "sft")):
-            raise ConfigError("peft.method=prefix cannot train with trainer.gradient_checkpointing: set it to false")
-        defaults["gradient_checkpointing"] = False
+        for name in ("cpt", "sft"):
+            for key in ("activation_checkpointing", "gradient_checkpointing"):
+                if config.stage(name).trainer.get(key):
+                    raise ConfigError(f"peft.method=prefix cannot train with {name}.trainer.{key}: set it to false")
+        defaults["activation_checkpointing"] = False
     return defaults
 
 

@@ -21,6 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 << 30))
 os.environ.setdefault("MALLOC_TOP_PAD_", str(1 << 30))
+# One intra-op thread per process: the suite runs in parallel (pytest -n, one worker per core), and OpenMP threads
+# contending for the same cores made pipeline runs many times slower (see tests/integration/test_ppo.py). Set before
+# anything imports torch; the pipeline processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

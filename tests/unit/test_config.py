@@ -271,6 +271,26 @@ def test_unknown_trainer_key_in_trainer_args():
         trainer_args(SFTConfig, "cpt", {"max_step": 3}, 0, output_dir="unused")
 
 
+def test_activation_checkpointing_under_its_new_name_without_a_deprecation_warning():
+    """transformers 5.24 renamed gradient_checkpointing; TRL's default (on) is kept under the new name, a config
+    written with the old name still works, and neither path triggers transformers' FutureWarning."""
+    import warnings
+
+    from trl import DPOConfig, SFTConfig
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*gradient_checkpointing.*", category=FutureWarning)
+        default = trainer_args(SFTConfig, "sft", {}, 0, output_dir="unused")
+        old_name = trainer_args(DPOConfig, "dpo", {"gradient_checkpointing": False}, 0, output_dir="unused")
+        new_name = trainer_args(SFTConfig, "sft", {"activation_checkpointing": False}, 0, output_dir="unused")
+    assert default.activation_checkpointing is True and default.gradient_checkpointing is True
+    assert old_name.activation_checkpointing is False and old_name.gradient_checkpointing is False
+    assert new_name.activation_checkpointing is False
+    with pytest.raises(ConfigError, match="sft.trainer sets gradient_checkpointing and activation_checkpointing"):
+        trainer_args(SFTConfig, "sft", {"gradient_checkpointing": True, "activation_checkpointing": False}, 0,
+                     output_dir="unused")
+
+
 @pytest.mark.parametrize("key", MANAGED_KEYS)
 def test_managed_trainer_key_refused(tmp_path, in_repo, key):
     assert "output_dir" in MANAGED_KEYS
