@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError
 
 STAGE_ORDER = ("cpt", "sft", "preferences", "rm", "dpo", "ppo")
 POLICY_STAGES = ("cpt", "sft")  # stages whose result is a policy; `init_from: auto` starts from the latest of these
-JUDGE_TYPES = ("human", "human_file", "llm", "api", "rule", "reward_model")
+JUDGE_TYPES = ("human", "human_file", "llm", "contrastive", "api", "rule", "reward_model")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 PEFT_METHODS = ("lora", "prefix", "prompt", "p_tuning", "ia3", "full")
 
@@ -129,26 +129,34 @@ class SamplingConfig:
 @dataclass
 class JudgeConfig:
     type: str = "human"
-    """human (in the terminal), human_file, llm, api, rule or reward_model: swapping a person for an AI is this key."""
+    """human (in the terminal), human_file, llm, contrastive, api, rule or reward_model: swapping a person for an AI
+    is this key. contrastive: a local LM's likelihood of each response when told to follow the rubric minus when
+    told to violate it (the AI judge that works on small models); llm: the same LM asked "A or B?"."""
     path: str | None = None
     """human_file: the labels file ({prompt, response_a, response_b, winner} or {pair_id, winner} per line)."""
     function: str | None = None
     """rule: 'module:function' scoring (prompt messages, response) -> float; the higher score wins."""
     model: str | None = None
-    """llm: a model directory or built-in name (default: model.name_or_path); api: the model name sent to the
+    """llm, contrastive: a model directory or built-in name (default: model.name_or_path); api: the model name sent to the
     endpoint; reward_model: a stage name of this run (rm) or a reward model directory (full model or adapter)."""
     base_url: str | None = None
     """api: the OpenAI-compatible endpoint root, e.g. https://api.openai.com/v1."""
     api_key_env: str = "OPENAI_API_KEY"
     """api: the NAME of the environment variable holding the key (the key itself is never in a config or a file)."""
     rubric: str | None = None
-    """llm, api: what makes a response better (default: helpful, honest, harmless, answers what was asked)."""
+    """llm, contrastive, api: what makes a response better (default: helpful, honest, harmless, answers what was
+    asked)."""
     principles: list = field(default_factory=list)
-    """llm, api: a list of principles (a constitution) to judge by, instead of a rubric."""
+    """llm, contrastive, api: a list of principles (a constitution) to judge by, instead of a rubric."""
+    violation: str | None = None
+    """contrastive: the instruction a response that violates the rubric follows (default: "go against" the rubric);
+    small models follow a direct wording ("give a vague answer with no figures") better than a negation."""
+    length_norm: str = "sum"
+    """contrastive: sum (the score adds up over the response's tokens) or mean (per token: length does not count)."""
     batch_size: int = 8
     """Pairs judged per batch; labels are saved as they come, so an interrupted stage loses none."""
     max_length: int = 1024
-    """llm, reward_model: the longest judge input in tokens; longer pairs stay unlabelled (and are counted)."""
+    """llm, contrastive, reward_model: the longest judge input in tokens; longer pairs stay unlabelled (counted)."""
     max_concurrency: int = 4
     """api: requests in flight at once."""
     max_retries: int = 5
@@ -156,16 +164,22 @@ class JudgeConfig:
     timeout: float = 60.0
     """api: seconds to wait for one response."""
     tie_margin: float = 0.0
-    """reward_model: reward differences up to this are ties."""
+    """llm, contrastive, reward_model: score differences up to this are ties (llm: half the log-odds difference
+    of the two orders)."""
 
 
 # Which judge type uses which of the optional JudgeConfig keys (the rest are shared).
 JUDGE_KEYS = {
     "human": (), "human_file": ("path",), "rule": ("function",),
-    "llm": ("model", "rubric", "principles", "max_length"),
+    "llm": ("model", "rubric", "principles", "max_length", "tie_margin"),
+    "contrastive": ("model", "rubric", "principles", "violation", "length_norm", "max_length", "tie_margin"),
     "api": ("model", "base_url", "api_key_env", "rubric", "principles", "max_concurrency", "max_retries", "timeout"),
     "reward_model": ("model", "max_length", "tie_margin"),
 }
+# What can reward ppo: a judge scoring each response alone, or any AI judge comparing two (not a person).
+POINTWISE_REWARD_JUDGES = ("contrastive", "reward_model", "rule")
+PAIRWISE_REWARD_JUDGES = ("llm", "contrastive", "api", "reward_model", "rule")
+REWARD_TYPES = ("reward_model", "rule", "judge")
 JUDGE_REQUIRED = {"human_file": ("path",), "rule": ("function",), "api": ("model", "base_url"),
                   "reward_model": ("model",)}
 
@@ -215,11 +229,19 @@ class EvaluationConfig:
 @dataclass
 class RewardSourceConfig:
     type: str = "reward_model"
-    """reward_model (a scalar from a Bradley-Terry model) or rule (a Python scoring function)."""
+    """reward_model (a scalar from a Bradley-Terry model), rule (a Python scoring function) or judge (any AI judge,
+    as `judge` describes: online RLAIF)."""
     model: str = "rm"
     """reward_model: a stage name of this run (rm) or a reward model directory."""
     function: str | None = None
     """rule: 'module:function' scoring (prompt messages, response) -> float."""
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(type="contrastive"))
+    """judge: the judge that rewards, with the keys of preferences.judge (default: the contrastive judge on the
+    policy's own base model)."""
+    pairwise: bool = False
+    """judge: reward each response by the judge's verdict against the reference policy's response to the same
+    prompt, 2 p(win) - 1 in [-1, 1], instead of the judge's score of the response alone (pointwise, which only
+    judges that score one response have: contrastive, reward_model, rule)."""
 
 
 @dataclass
@@ -367,8 +389,10 @@ def _apply_override(raw: dict, item: str) -> None:
     node[leaf] = parse_yaml(value)  # an empty value is null, as in a YAML file: `--set key=` unsets key
 
 
-def _build(cls, raw: Any, prefix: str, source: str):
-    """Turn a mapping into dataclass `cls`, checking every key and type; errors name the dotted key."""
+def _build(cls, raw: Any, prefix: str, source: str, defaults: Any = None):
+    """Turn a mapping into dataclass `cls`, checking every key and type; errors name the dotted key. Keys the
+    mapping leaves out keep their values in `defaults` (a nested section's own default, e.g. evaluation.judge's
+    type reward_model), else the class's defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {_kind(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
@@ -379,12 +403,14 @@ def _build(cls, raw: Any, prefix: str, source: str):
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{suggest(key, fields)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{prefix}{key}.", source)
+            factory = fields[key].default_factory
+            nested_defaults = None if factory is dataclasses.MISSING else factory()
+            values[key] = _build(hint, value, f"{prefix}{key}.", source, nested_defaults)
         else:
             values[key] = _check_type(value, hint, f"{prefix}{key}", source)
     if cls in (StageConfig, PreferencesConfig, PPOConfig) and "enabled" not in raw:
         values["enabled"] = True  # writing a stage section into the config is how a user turns it on
-    return cls(**values)
+    return cls(**values) if defaults is None else dataclasses.replace(defaults, **values)
 
 
 def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -461,10 +487,19 @@ def _check_evaluation(config: RunConfig) -> None:
     for key in JUDGE_REQUIRED.get(judge.type, ()):
         if not getattr(judge, key):
             raise ConfigError(f"{source}: evaluation.judge.{key} is required for judge type {judge.type}")
+    _check_judge_values(judge, f"{source}: evaluation.judge")
     if evaluation.max_new_tokens < 1 or evaluation.batch_size < 1 or evaluation.temperature <= 0:
         raise ConfigError(f"{source}: evaluation needs max_new_tokens >= 1, batch_size >= 1 and temperature > 0")
     if evaluation.max_references < 0:
         raise ConfigError(f"{source}: evaluation.max_references must be >= 0, got {evaluation.max_references}")
+
+
+def _check_judge_values(judge: JudgeConfig, where: str) -> None:
+    if judge.length_norm not in ("sum", "mean"):
+        raise ConfigError(f"{where}.length_norm must be sum or mean, got {judge.length_norm!r}"
+                          f"{suggest(judge.length_norm, ('sum', 'mean'))}")
+    if judge.tie_margin < 0:
+        raise ConfigError(f"{where}.tie_margin must be >= 0, got {judge.tie_margin}")
 
 
 def _check_preferences(config: RunConfig) -> None:
@@ -490,6 +525,7 @@ def _check_preferences(config: RunConfig) -> None:
         raise ConfigError(f"{source}: set preferences.judge.rubric or preferences.judge.principles, not both")
     if judge.batch_size < 1 or judge.max_length < 1:
         raise ConfigError(f"{source}: preferences.judge.batch_size and max_length must be at least 1")
+    _check_judge_values(judge, f"{source}: preferences.judge")
 
 
 def _check_ppo(config: RunConfig) -> None:
@@ -502,9 +538,11 @@ def _check_ppo(config: RunConfig) -> None:
     if not 0 <= ppo.data.eval_split < 1:
         raise ConfigError(f"{source}: ppo.data.eval_split must be in [0, 1), got {ppo.data.eval_split}")
     reward = ppo.reward
-    if reward.type not in ("reward_model", "rule"):
-        raise ConfigError(f"{source}: ppo.reward.type '{reward.type}' is not reward_model or rule"
-                          f"{suggest(reward.type, ('reward_model', 'rule'))}")
+    if reward.type not in REWARD_TYPES:
+        raise ConfigError(f"{source}: ppo.reward.type '{reward.type}' is not one of {', '.join(REWARD_TYPES)}"
+                          f"{suggest(reward.type, REWARD_TYPES)}")
+    if reward.type == "judge":
+        _check_reward_judge(reward, source)
     if reward.type == "rule" and not reward.function:
         raise ConfigError(f"{source}: ppo.reward.function ('module:function') is required for reward type rule")
     if reward.type == "reward_model" and not reward.model:
@@ -526,6 +564,23 @@ def _check_ppo(config: RunConfig) -> None:
     for ok, need in checks:
         if not ok:
             raise ConfigError(f"{source}: ppo.trainer needs {need}")
+
+
+def _check_reward_judge(reward: RewardSourceConfig, source) -> None:
+    judge = reward.judge
+    allowed = PAIRWISE_REWARD_JUDGES if reward.pairwise else POINTWISE_REWARD_JUDGES
+    if judge.type not in allowed:
+        how = "pairwise" if reward.pairwise else "pointwise (each response scored alone)"
+        raise ConfigError(f"{source}: ppo.reward.judge.type '{judge.type}' cannot reward {how}; use one of "
+                          f"{', '.join(allowed)}" + ("" if reward.pairwise else
+                                                    ", or set ppo.reward.pairwise=true to compare with the "
+                                                    "reference policy's response"))
+    for key in JUDGE_REQUIRED.get(judge.type, ()):
+        if not getattr(judge, key):
+            raise ConfigError(f"{source}: ppo.reward.judge.{key} is required for judge type {judge.type}")
+    if judge.rubric and judge.principles:
+        raise ConfigError(f"{source}: set ppo.reward.judge.rubric or ppo.reward.judge.principles, not both")
+    _check_judge_values(judge, f"{source}: ppo.reward.judge")
 
 
 def unused_judge_keys(judge: JudgeConfig) -> list[str]:

@@ -258,6 +258,9 @@ def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | 
               ["first response preferred", _pct(m.get("preferences/a_wins"))]]
     if m.get("preferences/order_flip_rate") is not None:
         labels.append(["verdict changed when the order was swapped", _pct(m["preferences/order_flip_rate"])])
+    if m.get("preferences/position_bias") is not None:
+        labels.append(["position bias removed (mean log-odds for the first-shown response)",
+                       _num(m["preferences/position_bias"], 3)])
     blocks = [f"Judge: {judge.get('type')}.", Table(["labels", "value"], labels)]
     agreement = read_json(run_dir / stage.name / "final" / "agreement.json")
     if agreement:
@@ -266,6 +269,8 @@ def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | 
         flips = agreement.get("order_flip_rates") or (None, None)
         if flips[0] is not None:
             values["order flips (judge)"] = flips[0]
+        if agreement.get("ece") is not None:  # older runs' agreement.json has no calibration
+            values["calibration error (ECE)"] = agreement["ece"]
         blocks += [f"Agreement with {prefs.get('compare_with')} on the {agreement['pairs']} pairs both labelled "
                    "(Cohen's κ corrects for chance agreement over a / b / tie):",
                    Table(["agreement", "value"], [[k, _num(v, 3)] for k, v in values.items()]),

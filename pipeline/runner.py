@@ -30,6 +30,9 @@ from pipeline.models import BUILTIN_MODELS, resolve_model_path
 from stages import STAGES
 
 
+# Judges whose `model` can be a stage of this run.
+MODEL_JUDGES = ("llm", "contrastive", "reward_model")
+
 # Where a stage's data comes from when its config names no file: the wiring between stages, in one visible place.
 DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
 
@@ -38,13 +41,15 @@ def referenced_stages(config: RunConfig, name: str) -> list[str]:
     """Stages whose result `name` uses besides its starting model and data: the model of a judge, a reward or ppo's
     critic. Their output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
     models = []
-    if name == "preferences" and config.preferences.judge.type in ("llm", "reward_model"):
+    if name == "preferences" and config.preferences.judge.type in MODEL_JUDGES:
         models.append(config.preferences.judge.model)
     if name == "ppo" and config.ppo.reward.type == "reward_model":
         models.append(config.ppo.reward.model)
+    if name == "ppo" and config.ppo.reward.type == "judge" and config.ppo.reward.judge.type in MODEL_JUDGES:
+        models.append(config.ppo.reward.judge.model)
     if name == "ppo" and config.ppo.critic:
         models.append(config.ppo.critic)
-    if name in ("dpo", "ppo") and config.evaluation.prompts and config.evaluation.judge.type in ("llm", "reward_model"):
+    if name in ("dpo", "ppo") and config.evaluation.prompts and config.evaluation.judge.type in MODEL_JUDGES:
         models.append(config.evaluation.judge.model)
     return sorted({model for model in models if model in STAGE_ORDER and model != name})
 

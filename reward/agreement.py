@@ -2,7 +2,8 @@
 
 Only pairs both sources labelled count. Cohen's kappa corrects raw agreement for what two judges with the same
 label frequencies would reach by chance, over the three classes a, b and tie. The order-flip rate is how often a
-judge that saw both orders answered differently in each: a judge that flips often is reading positions.
+judge that saw both orders answered differently in each: a judge that flips often is reading positions. Reliability is whether a judge's confidence comes true: of the pairs
+it was 80% sure of, did it pick the reference's winner 80% of the time?
 """
 
 from __future__ import annotations
@@ -66,3 +67,36 @@ def agreement(first: Iterable[Label], second: Iterable[Label]) -> Agreement:
         tie_rates=(a.count("tie") / n, b.count("tie") / n),
         order_flip_rates=(order_flip_rate(one[p] for p in shared), order_flip_rate(two[p] for p in shared)),
     )
+
+
+CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def reliability(confidences: list[float], correct: list[bool]) -> tuple[list[dict], float]:
+    """A reliability table over confidences in [0.5, 1] (a judge's confidence in its own pick), binned by
+    CALIBRATION_BINS, against how often the pick was right; and the expected calibration error (ECE), the
+    pair-weighted mean gap between confidence and accuracy."""
+    table, ece = [], 0.0
+    for low, high in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
+        members = [(c, ok) for c, ok in zip(confidences, correct) if low <= c < high or (high == 1.0 and c == 1.0)]
+        if not members:
+            table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": 0, "mean_confidence": None,
+                          "accuracy": None})
+            continue
+        confidence = sum(c for c, _ in members) / len(members)
+        accuracy = sum(ok for _, ok in members) / len(members)
+        ece += len(members) / len(confidences) * abs(confidence - accuracy)
+        table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": len(members),
+                      "mean_confidence": round(confidence, 4), "accuracy": round(accuracy, 4)})
+    return table, ece
+
+
+def judge_reliability(labels: Iterable[Label], reference: Iterable[Label]) -> tuple[list[dict], float] | None:
+    """`reliability` of a judge's labels against reference labels, over the pairs both decided (neither a tie) and
+    the judge gave a confidence for; None when there are none."""
+    mine, theirs = _by_pair(labels, "judge"), _by_pair(reference, "reference")
+    decided = [(mine[p], theirs[p]) for p in mine if p in theirs and mine[p].winner != "tie"
+               and theirs[p].winner != "tie" and mine[p].confidence is not None]
+    if not decided:
+        return None
+    return reliability([m.confidence for m, _ in decided], [m.winner == t.winner for m, t in decided])

@@ -60,7 +60,7 @@ def judge_id(config: RunConfig, run_dir: Path) -> str:
     keys = {key: getattr(judge, key) for key in JUDGE_KEYS[judge.type] if key not in _RUNTIME_KEYS}
     if judge.type == "human_file":
         keys["content"] = hash_path(Path(judge.path))
-    if judge.type in ("llm", "reward_model"):
+    if judge.type in ("llm", "contrastive", "reward_model"):
         source = model_source(judge.model or config.model.name_or_path, config, run_dir)
         keys["model"] = [str(source.base), hash_path(source.adapter) if source.adapter else None]
     return f"{judge.type}-{hash_config(keys)[:10]}"
@@ -97,7 +97,17 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
         name = f"llm:{judge.model or config.model.name_or_path}"
         return LlmJudge.from_path(source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
                                   principles=judge.principles or None, batch_size=judge.batch_size,
-                                  max_length=judge.max_length, name=name, on_label=on_label)
+                                  max_length=judge.max_length, tie_margin=judge.tie_margin, name=name,
+                                  on_label=on_label)
+    if judge.type == "contrastive":
+        from reward.contrastive_judge import ContrastiveJudge
+
+        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        return ContrastiveJudge.from_path(
+            source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
+            principles=judge.principles or None, violation=judge.violation, length_norm=judge.length_norm,
+            batch_size=judge.batch_size, max_length=judge.max_length, tie_margin=judge.tie_margin,
+            name=f"contrastive:{judge.model or config.model.name_or_path}", on_label=on_label)
     if judge.type == "reward_model":
         from reward.rm_judge import RewardModelJudge
 

@@ -10,6 +10,7 @@ because models favour one position: `combine_both_orders` turns the two answers 
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
@@ -75,6 +76,21 @@ def combine_both_orders(first: str, swapped: str) -> tuple[str, dict]:
     return (ab if ab == ba else "tie"), {"ab": ab, "ba": ba}
 
 
+def label_from_scores(pair: Pair, a: float, b: float, tie_margin: float, name: str) -> Label:
+    """The label of a judge that scores each response on its own (a reward model, the contrastive judge): the
+    higher score wins unless the two are within `tie_margin`; the confidence is the Bradley-Terry probability of
+    the winner, sigmoid(|a - b|)."""
+    if abs(a - b) <= tie_margin:
+        winner, confidence = "tie", 0.5
+    else:
+        winner, confidence = ("a" if a > b else "b"), sigmoid(abs(a - b))
+    return Label(pair.id, winner, name, confidence, {"scores": {"a": a, "b": b}})
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
 # ---------------------------------------------------------------------------- rule judge
 
 def load_callable(target: str) -> Callable:
@@ -106,20 +122,24 @@ class RuleJudge:
 
     def __init__(self, function: str, name: str | None = None):
         self.function = function
-        self.score = load_callable(function)
+        self.score_one = load_callable(function)
         self.name = name or f"rule:{function}"
 
-    def _score(self, pair: Pair, response: str) -> float:
-        value = self.score(pair.prompt, response)
+    def _score(self, prompt: list[dict], response: str, where: str) -> float:
+        value = self.score_one(prompt, response)
         if not is_number(value):
-            raise PipelineError(f"{self.function} returned {value!r} for the pair from {pair.source}; "
-                                "it must return a finite number")
+            raise PipelineError(f"{self.function} returned {value!r} for {where}; it must return a finite number")
         return float(value)
+
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """Each response's score on its own: a pointwise reward."""
+        return [self._score(prompt, response, "a response to score") for prompt, response in zip(prompts, responses)]
 
     def judge(self, pairs: list[Pair]) -> list[Label]:
         labels = []
         for pair in pairs:
-            a, b = self._score(pair, pair.response_a), self._score(pair, pair.response_b)
+            where = f"the pair from {pair.source}"
+            a, b = self._score(pair.prompt, pair.response_a, where), self._score(pair.prompt, pair.response_b, where)
             winner = "a" if a > b else "b" if b > a else "tie"
             labels.append(Label(pair.id, winner, self.name, verdicts={"scores": {"a": a, "b": b}}))
         return labels

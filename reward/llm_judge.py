@@ -1,8 +1,14 @@
 """A local causal LM as pairwise judge, read from its next-token probabilities rather than from sampled text.
 
 Each pair is asked twice, once in each order, with the same question the API judge asks (`judge_messages`). The
-answer is the model's probability of "A" against "B" as the first token of its reply: p(A) = softmax over those
-two logits alone. Nothing is sampled, so labels are deterministic and no reply is ever unreadable. Prompts are
+answer is the model's log-odds of "A" against "B" as the first token of its reply (the difference of those two
+logits; p(A) is its sigmoid). Nothing is sampled, so labels are deterministic and no reply is ever unreadable.
+
+Position bias is removed with the strength of both orders, not by calling every disagreement a tie. Read each
+order's log-odds as content plus position: l_ab = s + b with response_a shown first, l_ba = -s + b with it shown
+second, where s is how much the judge prefers response_a and b its pull towards whichever response comes first.
+Then s = (l_ab - l_ba) / 2 and b = (l_ab + l_ba) / 2, per pair: the winner is the sign of s (a tie within
+`tie_margin`), the confidence sigmoid(|s|), and b, the position prior, is kept with the label and reported. Prompts are
 batched with left padding, so every prompt ends at the last position, where the reply's first token is predicted.
 A prompt longer than `max_length` leaves its pair unlabelled and counted, never truncated: a cut conversation
 would be judged on text it never had.
@@ -20,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.log import warn
 from pipeline.models import load_policy, load_tokenizer
 from pipeline.render import prompt_ids
-from reward.judges import DEFAULT_RUBRIC, combine_both_orders, constitution, judge_messages
+from reward.judges import DEFAULT_RUBRIC, constitution, judge_messages, sigmoid
 from reward.pairs import Label, Pair
 
 
@@ -39,14 +45,15 @@ class LlmJudge:
     constitution. `on_label`, if given, is called with each label as soon as both orders of its pair are read."""
 
     def __init__(self, model, tokenizer, rubric: str | None = None, principles: list[str] | None = None,
-                 batch_size: int = 8, max_length: int = 1024, name: str = "llm",
+                 batch_size: int = 8, max_length: int = 1024, tie_margin: float = 0.0, name: str = "llm",
                  on_label: Callable[[Label], None] | None = None):
-        if batch_size < 1 or max_length < 1:
-            raise ConfigError(f"the llm judge needs batch_size ≥ 1 and max_length ≥ 1, got {batch_size} and "
-                              f"{max_length}")
+        if batch_size < 1 or max_length < 1 or tie_margin < 0:
+            raise ConfigError(f"the llm judge needs batch_size ≥ 1, max_length ≥ 1 and tie_margin ≥ 0, got "
+                              f"{batch_size}, {max_length} and {tie_margin}")
         self.model, self.tokenizer = model, tokenizer
         self.rubric = constitution(principles) if principles else rubric or DEFAULT_RUBRIC
         self.batch_size, self.max_length, self.name, self.on_label = batch_size, max_length, name, on_label
+        self.tie_margin = tie_margin
         self.answer_ids = [label_token(tokenizer, "A"), label_token(tokenizer, "B")]
         self.too_long = 0
         """Pairs left unlabelled because a prompt was over max_length, over this judge's lifetime."""
@@ -61,8 +68,8 @@ class LlmJudge:
         """Token ids of the question with `first` shown as Response A, up to where the judge's reply begins."""
         return prompt_ids(self.tokenizer, judge_messages(pair, first, second, self.rubric))
 
-    def p_first(self, prompts: list[list[int]]) -> list[float]:
-        """p("A") against "B" as the first reply token, for each prompt, in one forward pass."""
+    def logodds_first(self, prompts: list[list[int]]) -> list[float]:
+        """The log-odds of "A" against "B" as the first reply token, for each prompt, in one forward pass."""
         width = max(len(ids) for ids in prompts)
         device = next(self.model.parameters()).device
         # The pad id is never read: padded positions are masked out of attention.
@@ -78,7 +85,7 @@ class LlmJudge:
             # Only the last position's logits: the full batch × length × vocabulary tensor can run to gigabytes.
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
-        return torch.softmax(logits[:, self.answer_ids].float(), dim=-1)[:, 0].tolist()
+        return (logits[:, self.answer_ids[0]].float() - logits[:, self.answer_ids[1]].float()).tolist()
 
     def batches(self, pairs: list[Pair]) -> list[list[tuple[int, str, list[int]]]]:
         """The forward passes judging `pairs` takes: batches of (pair index, order, prompt ids), both orders of a
@@ -99,8 +106,9 @@ class LlmJudge:
         return [jobs[start:start + self.batch_size] for start in range(0, len(jobs), self.batch_size)]
 
     def answer(self, batch: list[tuple[int, str, list[int]]]) -> list[tuple[int, str, float]]:
-        """(pair index, order, p("A")) for each prompt of one batch."""
-        return [(index, order, p) for (index, order, _), p in zip(batch, self.p_first([ids for _, _, ids in batch]))]
+        """(pair index, order, log-odds of "A") for each prompt of one batch."""
+        logodds = self.logodds_first([ids for _, _, ids in batch])
+        return [(index, order, value) for (index, order, _), value in zip(batch, logodds)]
 
     def judge(self, pairs: list[Pair]) -> list[Label]:
         collect = Collector(self, pairs, self.on_label)
@@ -123,16 +131,20 @@ class LlmJudge:
             labels += collect(gather_object(answers if mine < len(batches) else []))
         return labels
 
-    def label(self, pair: Pair, p_a_first: float, p_a_swapped: float) -> Label:
-        """`p_a_first` is p("A") with response_a shown as A; `p_a_swapped` p("A") with response_b shown as A."""
-        def verdict(p: float) -> str:
-            return "A" if p > 0.5 else "B" if p < 0.5 else "TIE"
-
-        winner, verdicts = combine_both_orders(verdict(p_a_first), verdict(p_a_swapped))
-        # The probability each order gave the winner, averaged; a tie is the judge having no preference.
-        confidence = {"a": (p_a_first + 1 - p_a_swapped) / 2, "b": (1 - p_a_first + p_a_swapped) / 2,
-                      "tie": 0.5}[winner]
-        verdicts.update(p_a_first=p_a_first, p_a_swapped=p_a_swapped)
+    def label(self, pair: Pair, first: float, swapped: float) -> Label:
+        """`first` is the log-odds of "A" with response_a shown as A; `swapped` with response_b shown as A."""
+        strength, position_bias = (first - swapped) / 2, (first + swapped) / 2
+        if abs(strength) <= self.tie_margin:
+            winner, confidence = "tie", 0.5
+        else:
+            winner, confidence = ("a" if strength > 0 else "b"), sigmoid(abs(strength))
+        verdicts = {
+            # What each order alone would have said, kept for the order-flip rate.
+            "ab": "a" if first > 0 else "b" if first < 0 else "tie",
+            "ba": "b" if swapped > 0 else "a" if swapped < 0 else "tie",
+            "p_a_first": sigmoid(first), "p_a_swapped": sigmoid(swapped),
+            "strength": strength, "position_bias": position_bias,
+        }
         return Label(pair.id, winner, self.name, confidence, verdicts)
 
 
@@ -141,14 +153,15 @@ class Collector:
 
     def __init__(self, judge: LlmJudge, pairs: list[Pair], on_label: Callable[[Label], None] | None):
         self.judge, self.pairs, self.on_label = judge, pairs, on_label
-        self.p_a: dict[int, dict[str, float]] = {}
+        self.logodds: dict[int, dict[str, float]] = {}
 
     def __call__(self, answers: list[tuple[int, str, float]]) -> list[Label]:
         labels = []
-        for index, order, p in answers:
-            self.p_a.setdefault(index, {})[order] = p
-            if len(self.p_a[index]) == 2:
-                labels.append(self.judge.label(self.pairs[index], self.p_a[index]["ab"], self.p_a[index]["ba"]))
+        for index, order, value in answers:
+            self.logodds.setdefault(index, {})[order] = value
+            if len(self.logodds[index]) == 2:
+                labels.append(self.judge.label(self.pairs[index], self.logodds[index]["ab"],
+                                               self.logodds[index]["ba"]))
                 if self.on_label:
                     self.on_label(labels[-1])
         return labels

@@ -9,7 +9,6 @@ confidence is the Bradley-Terry probability of the winner, sigmoid(|r_a - r_b|).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +19,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import warn
 from pipeline.models import load_reward_model, load_tokenizer
 from pipeline.render import response_ids
+from reward.judges import label_from_scores
 from reward.pairs import Label, Pair
 
 
@@ -96,18 +96,8 @@ class RewardModelJudge:
             for (index, side, _), value in zip(batch, self._forward([ids for _, _, ids in batch])):
                 scores.setdefault(index, {})[side] = value
                 if len(scores[index]) == 2:
-                    labels.append(self._label(pairs[index], scores[index]["a"], scores[index]["b"]))
+                    labels.append(label_from_scores(pairs[index], scores[index]["a"], scores[index]["b"],
+                                                    self.tie_margin, self.name))
                     if self.on_label:
                         self.on_label(labels[-1])
         return labels
-
-    def _label(self, pair: Pair, a: float, b: float) -> Label:
-        if abs(a - b) <= self.tie_margin:
-            winner, confidence = "tie", 0.5
-        else:
-            winner, confidence = ("a" if a > b else "b"), _sigmoid(abs(a - b))
-        return Label(pair.id, winner, self.name, confidence, {"scores": {"a": a, "b": b}})
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))

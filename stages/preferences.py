@@ -188,7 +188,7 @@ def _label_by_person(ctx: StageContext, pairs: list[Pair], todo: int, store: Lab
 
 
 def _agreement(ctx: StageContext, pairs: list[Pair], labels: list) -> dict:
-    from reward.agreement import agreement
+    from reward.agreement import agreement, judge_reliability
     from reward.judges import HumanFileJudge
 
     reference = HumanFileJudge(ctx.config.preferences.compare_with).judge(pairs)
@@ -196,11 +196,19 @@ def _agreement(ctx: StageContext, pairs: list[Pair], labels: list) -> dict:
         warn(f"{NAME}: compare_with labels none of these pairs; no agreement to report")
         return {}
     result = agreement(labels, reference)
-    write_json_atomic(ctx.final_dir / "agreement.json", result.to_dict())
+    # Does the judge's confidence come true against the reference? (Only judges that give one.)
+    calibration = judge_reliability(labels, reference)
+    write_json_atomic(ctx.final_dir / "agreement.json", {
+        **result.to_dict(), "calibration": calibration[0] if calibration else None,
+        "ece": calibration[1] if calibration else None})
     log(f"{NAME}: agreement with {ctx.config.preferences.compare_with} on {result.pairs} pairs: "
-        f"{result.raw:.1%} (Cohen's kappa {result.kappa if result.kappa is None else round(result.kappa, 3)})")
-    return {"agreement/pairs": result.pairs, "agreement/raw": result.raw, "agreement/kappa": result.kappa,
-            "agreement/reference_tie_rate": result.tie_rates[1]}
+        f"{result.raw:.1%} (Cohen's kappa {result.kappa if result.kappa is None else round(result.kappa, 3)})"
+        + (f", expected calibration error {calibration[1]:.3f}" if calibration else ""))
+    metrics = {"agreement/pairs": result.pairs, "agreement/raw": result.raw, "agreement/kappa": result.kappa,
+               "agreement/reference_tie_rate": result.tie_rates[1]}
+    if calibration:
+        metrics["agreement/ece"] = calibration[1]
+    return metrics
 
 
 def run(ctx: StageContext) -> dict:
@@ -256,6 +264,9 @@ def run(ctx: StageContext) -> dict:
     })
     if flips:
         metrics["preferences/order_flip_rate"] = sum(l.verdicts["ab"] != l.verdicts["ba"] for l in flips) / len(flips)
+    biases = [label.verdicts["position_bias"] for label in labels if "position_bias" in label.verdicts]
+    if biases:  # the llm judge's pull towards the first-shown response (log-odds), removed from every label
+        metrics["preferences/position_bias"] = sum(biases) / len(biases)
     if prefs.compare_with:
         metrics.update(_agreement(ctx, pairs, labels))
     log(f"{NAME}: {counts.rows} preference rows ({counts.ties} ties, {counts.unlabelled} unlabelled) in "

@@ -12,7 +12,6 @@ reward_model judge and PPO score with `reward.rm_judge.RewardModelJudge.score`, 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
@@ -21,11 +20,12 @@ from pipeline.context import StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, track, warn
 from pipeline.render import response_ids
+from reward.agreement import reliability
+from reward.judges import sigmoid
 from reward.pairs import PreferenceRow
 from stages import lm, preference_data
 
 NAME = "rm"
-CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def uses_model(config: RunConfig) -> bool:
@@ -100,28 +100,12 @@ def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_l
         chosen += scorer.score([row.prompt for row in batch], [row.chosen for row in batch])
         rejected += scorer.score([row.prompt for row in batch], [row.rejected for row in batch])
     margins = [c - r for c, r in zip(chosen, rejected)]
-    # Calibration over the model's confidence in its own pick: max(p, 1 - p), binned, against how often it was right.
-    table, ece = [], 0.0
-    for low, high in zip(CALIBRATION_BINS, CALIBRATION_BINS[1:]):
-        members = [m for m in margins if low <= max(_sigmoid(m), 1 - _sigmoid(m)) < high
-                   or (high == 1.0 and max(_sigmoid(m), 1 - _sigmoid(m)) == 1.0)]
-        if not members:
-            table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": 0, "mean_confidence": None,
-                          "accuracy": None})
-            continue
-        confidence = sum(max(_sigmoid(m), 1 - _sigmoid(m)) for m in members) / len(members)
-        accuracy = sum(m > 0 for m in members) / len(members)
-        ece += len(members) / len(margins) * abs(confidence - accuracy)
-        table.append({"confidence": f"{low:.1f}-{high:.1f}", "pairs": len(members),
-                      "mean_confidence": round(confidence, 4), "accuracy": round(accuracy, 4)})
+    # Calibration over the model's confidence in its own pick, max(p, 1 - p), against how often it was right.
+    table, ece = reliability([max(sigmoid(m), 1 - sigmoid(m)) for m in margins], [m > 0 for m in margins])
     threshold = statistics.median(chosen + rejected)
     f1 = binary_f1([r > threshold for r in chosen + rejected], [True] * len(chosen) + [False] * len(rejected))
     return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins),
             "ece": ece, "f1": f1, "calibration": table}
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 def run(ctx: StageContext) -> dict:

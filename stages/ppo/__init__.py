@@ -11,7 +11,8 @@ TRL has no PPO trainer any more, so this one is ours, in four small modules:
 - trainer.py: the loop (steps numbered in comments), checkpoints that resume exactly, metrics and sample tables.
 
 The reward is `ppo.reward`: a reward model (the rm stage of this run, or a directory) scored on exactly the text
-the rm stage trained on, or a rule, a Python function (prompt messages, response text) -> float.
+the rm stage trained on, a rule, a Python function (prompt messages, response text) -> float, or any AI judge
+(online RLAIF, reward.py): its score of the response alone, or its verdict against the reference policy's response.
 
 Layout: final/ (the actor adapter, loads with PeftModel.from_pretrained on stage.json's base_model; under full
 fine-tuning the whole model, AutoModelForCausalLM.from_pretrained), critic/ (+ value_head.safetensors: the shared
@@ -63,20 +64,33 @@ def check(config: RunConfig) -> str:
     reward = config.ppo.reward
     if reward.type == "rule":
         load_callable(reward.function)
+    elif reward.type == "judge":
+        if reward.judge.type == "rule":
+            load_callable(reward.judge.function)
+        if reward.judge.type == "api":
+            from reward.build import build_judge
+
+            build_judge(reward.judge, config, Path("."))  # fails now if the key's variable is unset
     elif reward.model in STAGE_ORDER and reward.model != "rm":
         raise ConfigError(f"ppo.reward.model '{reward.model}': of this run's stages only rm makes a reward model")
     elif reward.model != "rm" and not any((Path(reward.model) / name).exists()
                                           for name in ("config.json", "adapter_config.json")):
         raise ConfigError(f"ppo.reward.model '{reward.model}' is neither rm (this run's rm stage) nor a reward "
                           "model or adapter directory")
-    return f"{len(train)} prompts ({len(held_out)} held out), reward from {reward.type} " \
-           f"{reward.function if reward.type == 'rule' else reward.model}"
+    source = {"rule": reward.function, "judge": f"{'pairwise' if reward.pairwise else 'pointwise'} "
+                                               f"{reward.judge.type}"}.get(reward.type, reward.model)
+    return f"{len(train)} prompts ({len(held_out)} held out), reward from {reward.type} {source}"
 
 
-def reward_function(ctx: StageContext, prompt_tokens: int):
+def reward_function(ctx: StageContext, prompt_tokens: int, prompts: list[list[dict]]):
     """(prompt messages, responses) -> scores, from ppo.reward. `prompt_tokens`, the longest prompt, sizes the
-    reward model's length limit so that no rollout is ever too long to score."""
+    reward model's length limit so that no rollout is ever too long to score; `prompts` are every prompt the stage
+    will score responses to (a pairwise judge's reference responses are sampled for them)."""
     reward = ctx.config.ppo.reward
+    if reward.type == "judge":
+        from stages.ppo.reward import judge_reward
+
+        return judge_reward(ctx, prompts)
     if reward.type == "rule":
         from reward.judges import load_callable
 
@@ -111,7 +125,7 @@ def run(ctx: StageContext) -> dict:
     if ctx.config.ppo.critic is not None:  # a stage's result is known only now; refused before any model loads
         check_vocabulary(ctx.config, critic_source(ctx.config, ctx.run_dir, None), tokenizer)
     longest = max(len(prompt_ids(tokenizer, p)) for p in prompts + eval_prompts)
-    reward_fn = reward_function(ctx, longest)
+    reward_fn = reward_function(ctx, longest, prompts + eval_prompts)
     base_dir = ctx.init.base
     if ctx.init.adapter is not None:
         # The reference is the base with the adapters off (or a copy of it), so the starting policy must be in the

@@ -76,7 +76,7 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
                    (REPO / "data/preferences/beekeeping_pairs.jsonl").read_text().splitlines()[:40]]
         pairs, rows = tmp_path / "pairs.jsonl", tmp_path / "rows.jsonl"
         pairs.write_text("".join(json.dumps(pair) + "\n" for pair in shipped))
-        # The random judge answers by position (a tie in both orders), so rm and dpo train on the file's own labels.
+        # The random judge's labels mean nothing, so rm and dpo train on the file's own labels.
         rows.write_text("".join(json.dumps({
             "prompt": pair["prompt"], "chosen": pair["response_" + pair["winner"]],
             "rejected": pair["response_" + ("b" if pair["winner"] == "a" else "a")]}) + "\n"
@@ -127,8 +127,10 @@ def _assert_labels_as_in_one_process(run_dir, model: str) -> None:
     expected = LlmJudge.from_path(Path(model), ModelConfig(model), batch_size=4).judge(pairs)
     for label in expected:
         got = stored[label.pair_id]
-        assert got.winner == label.winner
         assert got.verdicts["p_a_first"] == pytest.approx(label.verdicts["p_a_first"], abs=1e-4)
+        assert got.verdicts["strength"] == pytest.approx(label.verdicts["strength"], abs=1e-3)
+        if abs(label.verdicts["strength"]) > 1e-3:  # a sign within rounding of zero may differ across processes
+            assert got.winner == label.winner
 
 
 @pytest.mark.timeout(900)

@@ -234,6 +234,64 @@ def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
     assert_adapter_changes_output(ppo["base_model"], run_dir / "ppo" / "final")
 
 
+@pytest.mark.parametrize("judge", ["contrastive", "rule-pairwise", "llm-pairwise"])
+def test_any_judge_rewards_ppo(tmp_path, judge, one_thread):
+    """Online RLAIF: the contrastive judge's score of each response (pointwise), and a rule or the A/B llm judge
+    comparing each response with the reference policy's to the same prompt (pairwise, 2 p(win) - 1)."""
+    run_dir = tmp_path / "run"
+    settings = {
+        "contrastive": ["type=contrastive", "violation=Be vague."],
+        "rule-pairwise": ["type=rule", "function=rules_for_tests:distinct_trigrams"],
+        "llm-pairwise": ["type=llm"],
+    }[judge]
+    pairwise = judge.endswith("pairwise")
+    sets = [arg for setting in settings for arg in ("--set", f"ppo.reward.judge.{setting}")]
+    run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "ppo", "--set", "ppo.init_from=base",
+                 "--set", "ppo.reward.type=judge", "--set", f"ppo.reward.pairwise={str(pairwise).lower()}", *sets,
+                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.sample_every=1",
+                 "--set", "ppo.trainer.max_new_tokens=8")
+    ppo = manifest(run_dir)
+    assert ppo["status"] == "completed" and ppo["metrics"]["train/steps"] == 2
+    rows = [row for table in read_jsonl(run_dir / "ppo" / "samples.jsonl") for row in table["samples"]]
+    prompts, responses = [row["prompt"] for row in rows], [row["response"] for row in rows]
+    if judge == "contrastive":
+        from pipeline.config import ModelConfig
+        from reward.contrastive_judge import ContrastiveJudge
+
+        expected = ContrastiveJudge.from_path(Path(ppo["base_model"]), ModelConfig("tiny-random-smollm2"),
+                                              violation="Be vague.").score(prompts, responses)
+        assert [row["score"] for row in rows] == pytest.approx(expected, abs=1e-4)
+        assert not (run_dir / "ppo" / "reference_responses.jsonl").exists()
+        return
+    # One reference response per distinct prompt (training and held-out), sampled once from the starting policy.
+    from pipeline.config import ModelConfig, load_config
+    from reward.llm_judge import LlmJudge
+    from stages.ppo import load
+    from stages.ppo.reward import prompt_key, win_reward
+    from reward.pairs import Pair
+
+    train, held_out = load(load_config(SMOKE))
+    unique = list({prompt_key(p): p for p in train + held_out}.values())
+    batches = sorted(read_jsonl(run_dir / "ppo" / "reference_responses.jsonl"), key=lambda batch: batch["batch"])
+    references = [responses[0] for batch in batches for responses in batch["responses"]]
+    assert len(references) == len(unique)
+    reference = dict(zip(map(prompt_key, unique), references))
+    if judge == "rule-pairwise":  # a rule gives no confidence: a win is +1, a loss -1, equal scores 0
+        from rules_for_tests import distinct_trigrams
+
+        def sign(x):
+            return float((x > 0) - (x < 0))
+
+        expected = [sign(distinct_trigrams(p, r) - distinct_trigrams(p, reference[prompt_key(p)]))
+                    for p, r in zip(prompts, responses)]
+    else:  # the llm judge's verdict with its confidence, position bias removed
+        llm = LlmJudge.from_path(Path(ppo["base_model"]), ModelConfig("tiny-random-smollm2"))
+        pairs = [Pair.create(p, r, reference[prompt_key(p)], "test") for p, r in zip(prompts, responses)]
+        expected = [win_reward(label) for label in llm.judge(pairs)]
+        assert all(-1 < value < 1 for value in expected)
+    assert [row["score"] for row in rows] == pytest.approx(expected, abs=1e-4)
+
+
 def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread):
     """The direction of learning, directly: after one optimise() call, responses with a positive advantage are
     more likely and responses with a negative one less likely."""

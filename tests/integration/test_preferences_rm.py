@@ -123,12 +123,13 @@ def opinionated_judge_model(tmp_path_factory, tiny_model_dir):
     return out
 
 
-@pytest.mark.parametrize("judge", ["rule", "llm", "reward_model", "api"])
+@pytest.mark.parametrize("judge", ["rule", "llm", "contrastive", "reward_model", "api"])
 def test_ai_judges_on_sampled_pairs_then_rm(tmp_path, judge, server, tiny_reward_model, opinionated_judge_model):
     run_dir = tmp_path / "run"
     options = {
         "rule": ["function=rules_for_tests:shorter"],
         "llm": [f"model={opinionated_judge_model}"],
+        "contrastive": [f"model={opinionated_judge_model}", "violation=Be vague.", "length_norm=mean"],
         "reward_model": [f"model={tiny_reward_model}"],
         "api": [f"base_url={server.url}", "model=judge-x", "api_key_env=JUDGE_TEST_KEY"],
     }[judge]
@@ -153,6 +154,10 @@ def test_ai_judges_on_sampled_pairs_then_rm(tmp_path, judge, server, tiny_reward
         assert stages["preferences"]["metrics"]["preferences/sampled_responses"] == 12
     if judge in ("llm", "api"):
         assert all({"ab", "ba"} <= set(label["verdicts"]) for label in labels)
+    if judge in ("contrastive", "reward_model"):  # each response scored on its own; the higher one wins
+        for label in labels:
+            scores = label["verdicts"]["scores"]
+            assert label["winner"] == ("a" if scores["a"] > scores["b"] else "b")
     if judge == "api":
         assert len(server.requests) == 2 * len(pairs)  # both orders, once each
         for path in run_dir.rglob("*"):

@@ -387,3 +387,46 @@ def test_known_delimiter_keys(tmp_path):
     delimiters = {"start": "[Q]", "sep": "[A]", "eos": "[END]"}
     data = minimal(sft={"data": {"train": "data.txt", "format": "delimited", "delimiters": delimiters}})
     assert load_config(write_config(tmp_path, data)).sft.data.delimiters == delimiters
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["ppo.reward.judge.type=llm"], "cannot reward pointwise.*pairwise=true"),
+    (["ppo.reward.judge.type=human", "ppo.reward.pairwise=true"], "'human' cannot reward pairwise"),
+    (["ppo.reward.judge.type=api", "ppo.reward.pairwise=true"], "ppo.reward.judge.model is required"),
+    (["ppo.reward.judge.length_norm=max"], "ppo.reward.judge.length_norm must be sum or mean"),
+    (["ppo.reward.type=judges"], "did you mean 'judge'"),
+])
+def test_a_judge_that_cannot_reward_ppo_is_refused(tmp_path, in_repo, settings, message):
+    data = minimal(ppo={"data": {"train": "data/preferences/prompts.jsonl"}, "reward": {"type": "judge"}})
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, data), settings)
+
+
+def test_one_key_makes_any_judge_ppo_s_reward(tmp_path, in_repo):
+    data = minimal(ppo={"data": {"train": "data/preferences/prompts.jsonl"}})
+    config = load_config(write_config(tmp_path, data), ["ppo.reward.type=judge"])
+    assert config.ppo.reward.judge.type == "contrastive" and not config.ppo.reward.pairwise
+    config = load_config(write_config(tmp_path, data), ["ppo.reward.type=judge", "ppo.reward.judge.type=llm",
+                                                        "ppo.reward.pairwise=true"])
+    assert config.ppo.reward.judge.type == "llm"
+
+
+def test_the_contrastive_judge_is_one_key_and_checks_its_values(tmp_path, in_repo):
+    data = minimal(preferences={"enabled": True, "pairs": "data/preferences/beekeeping_pairs.jsonl",
+                                "judge": {"type": "human_file", "path": "data/preferences/beekeeping_pairs.jsonl"}})
+    config = load_config(write_config(tmp_path, data), ["preferences.judge.type=contrastive"])
+    assert config.preferences.judge.type == "contrastive"
+    with pytest.raises(ConfigError, match="preferences.judge.length_norm must be sum or mean"):
+        load_config(write_config(tmp_path, data), ["preferences.judge.type=contrastive",
+                                                   "preferences.judge.length_norm=avg"])
+
+
+def test_a_partly_written_nested_section_keeps_that_section_s_own_defaults(tmp_path, in_repo):
+    """evaluation.judge defaults to the rm stage's reward model: naming only its tie_margin keeps that, rather than
+    falling back to JudgeConfig's class defaults (a human judge)."""
+    config = load_config(write_config(tmp_path, minimal(evaluation={"judge": {"tie_margin": 0.5}})))
+    assert (config.evaluation.judge.type, config.evaluation.judge.model) == ("reward_model", "rm")
+    assert config.evaluation.judge.tie_margin == 0.5
+    ppo = minimal(ppo={"data": {"train": "data/preferences/prompts.jsonl"}})
+    config = load_config(write_config(tmp_path, ppo), ["ppo.reward.judge.length_norm=mean"])
+    assert (config.ppo.reward.judge.type, config.ppo.reward.judge.length_norm) == ("contrastive", "mean")

@@ -55,3 +55,32 @@ def test_no_shared_pairs_or_duplicates_are_errors():
         agreement([Label("x", "a", "h")], [Label("y", "a", "m")])
     with pytest.raises(PipelineError, match="twice"):
         agreement([Label("x", "a", "h"), Label("x", "b", "h")], [Label("x", "a", "m")])
+
+
+def test_reliability_against_hand_computed_bins():
+    from reward.agreement import reliability
+
+    confidences = [0.55, 0.58, 0.65, 0.95, 1.0, 0.92]
+    correct = [True, False, True, True, True, False]
+    table, ece = reliability(confidences, correct)
+    bins = {row["confidence"]: row for row in table}
+    assert bins["0.5-0.6"] == {"confidence": "0.5-0.6", "pairs": 2, "mean_confidence": 0.565, "accuracy": 0.5}
+    assert bins["0.6-0.7"]["pairs"] == 1 and bins["0.6-0.7"]["accuracy"] == 1.0
+    assert bins["0.7-0.8"]["pairs"] == 0 and bins["0.7-0.8"]["accuracy"] is None
+    assert bins["0.9-1.0"] == {"confidence": "0.9-1.0", "pairs": 3, "mean_confidence": 0.9567,
+                               "accuracy": 0.6667}  # 1.0 belongs to the last bin
+    expected = (2 * abs(0.565 - 0.5) + 1 * abs(0.65 - 1.0) + 3 * abs((0.95 + 1.0 + 0.92) / 3 - 2 / 3)) / 6
+    assert ece == pytest.approx(expected)
+
+
+def test_judge_reliability_counts_only_pairs_both_decided():
+    from reward.agreement import judge_reliability
+
+    reference = [Label("p1", "a", "human"), Label("p2", "b", "human"), Label("p3", "tie", "human"),
+                 Label("p4", "a", "human")]
+    judged = [Label("p1", "a", "j", 0.9), Label("p2", "a", "j", 0.7), Label("p3", "a", "j", 0.99),
+              Label("p4", "tie", "j", 0.5), Label("p5", "a", "j", 0.8)]
+    table, ece = judge_reliability(judged, reference)
+    assert sum(row["pairs"] for row in table) == 2  # p1 right at 0.9, p2 wrong at 0.7
+    assert ece == pytest.approx((abs(0.9 - 1) + abs(0.7 - 0)) / 2)
+    assert judge_reliability([Label("p1", "a", "j")], reference) is None  # no confidence given

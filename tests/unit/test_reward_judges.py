@@ -118,3 +118,20 @@ def test_human_file_rejects_a_pair_labelled_twice(tmp_path):
     path.write_text(json.dumps({"pair_id": "x", "winner": "a"}) + "\n" + json.dumps({"pair_id": "x", "winner": "b"}))
     with pytest.raises(DataError, match="already labelled on line 1"):
         HumanFileJudge(path)
+
+
+def test_rule_judge_scores_pointwise(rules_module):
+    judge = RuleJudge(f"{rules_module}:length")
+    assert judge.score([[{"role": "user", "content": "q"}]] * 2, ["abc", "abcdef"]) == [3.0, 6.0]
+    with pytest.raises(PipelineError, match="finite number"):
+        RuleJudge(f"{rules_module}:broken").score([[{"role": "user", "content": "q"}]], ["x"])
+
+
+def test_win_reward_is_two_p_win_minus_one():
+    from reward.pairs import Label
+    from stages.ppo.reward import win_reward
+
+    assert win_reward(Label("p", "a", "j", 0.9)) == pytest.approx(0.8)
+    assert win_reward(Label("p", "b", "j", 0.9)) == pytest.approx(-0.8)
+    assert win_reward(Label("p", "tie", "j", 0.5)) == 0.0
+    assert win_reward(Label("p", "a", "j")) == 1.0 and win_reward(Label("p", "b", "j")) == -1.0

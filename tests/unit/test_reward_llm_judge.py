@@ -60,6 +60,10 @@ def test_a_letter_split_in_two_tokens_is_a_config_error():
         label_token(splitting_tokenizer, "A")
 
 
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
 def test_one_label_per_pair_from_both_orders(policy, tokenizer):
     given = []
     judge = LlmJudge(policy, tokenizer, batch_size=3, on_label=given.append)
@@ -69,18 +73,28 @@ def test_one_label_per_pair_from_both_orders(policy, tokenizer):
     for label in labels:
         json.dumps(label.to_dict())
         verdicts = label.verdicts
-        assert set(verdicts) == {"ab", "ba", "p_a_first", "p_a_swapped"}
+        assert set(verdicts) == {"ab", "ba", "p_a_first", "p_a_swapped", "strength", "position_bias"}
         assert verdicts["ab"] == ("a" if verdicts["p_a_first"] > 0.5 else "b")
         assert verdicts["ba"] == ("b" if verdicts["p_a_swapped"] > 0.5 else "a")
-        assert (label.winner == "tie") == (verdicts["ab"] != verdicts["ba"])
-        if label.winner == "tie":
-            assert label.confidence == 0.5
-        else:
-            p_winner_first = verdicts["p_a_first"] if label.winner == "a" else 1 - verdicts["p_a_first"]
-            p_winner_swapped = 1 - verdicts["p_a_swapped"] if label.winner == "a" else verdicts["p_a_swapped"]
-            assert label.confidence == pytest.approx((p_winner_first + p_winner_swapped) / 2)
-            assert label.confidence > 0.5
-    assert {"tie", "b"} <= {label.winner for label in labels}
+        # Plain reference: each order's log-odds = content + position; half their difference is the content.
+        first, swapped = logit(verdicts["p_a_first"]), logit(verdicts["p_a_swapped"])
+        assert verdicts["strength"] == pytest.approx((first - swapped) / 2, abs=1e-4)
+        assert verdicts["position_bias"] == pytest.approx((first + swapped) / 2, abs=1e-4)
+        assert label.winner == ("a" if first > swapped else "b")
+        assert label.confidence == pytest.approx(1 / (1 + math.exp(-abs(first - swapped) / 2)), abs=1e-4)
+        # The two orders' probabilities of this winner, combined in log-odds, not averaged.
+        assert label.confidence > 0.5
+    assert {"a", "b"} <= {label.winner for label in labels}
+    assert any(label.verdicts["ab"] != label.verdicts["ba"] for label in labels), \
+        "a pair whose orders disagree is decided by their strengths, not made a tie"
+
+
+def test_tie_margin_ties_weak_preferences(policy, tokenizer):
+    strengths = [abs(label.verdicts["strength"]) for label in LlmJudge(policy, tokenizer).judge(pairs())]
+    margin = sorted(strengths)[1]
+    labels = LlmJudge(policy, tokenizer, tie_margin=margin).judge(pairs())
+    assert [label.winner == "tie" for label in labels] == [s <= margin for s in strengths]
+    assert all(label.confidence == 0.5 for label in labels if label.winner == "tie")
 
 
 def test_padding_does_not_change_verdicts(policy, tokenizer):
@@ -92,7 +106,9 @@ def test_padding_does_not_change_verdicts(policy, tokenizer):
             assert one.verdicts[key] == pytest.approx(many.verdicts[key], abs=1e-5)
 
 
-def test_position_bias_is_caught_by_both_orders(policy, tokenizer):
+def test_a_position_prior_is_measured_and_removed(policy, tokenizer):
+    """A judge pushed hard towards "A" in both orders gives the same winners and strengths as without the push;
+    the push shows up, exactly, as its position bias."""
     a = label_token(tokenizer, "A")
 
     def favour_a(module, inputs, logits):
@@ -100,14 +116,17 @@ def test_position_bias_is_caught_by_both_orders(policy, tokenizer):
         logits[..., a] += 50.0
         return logits
 
-    assert {label.winner for label in LlmJudge(policy, tokenizer).judge(pairs())} != {"tie"}
+    plain = LlmJudge(policy, tokenizer).judge(pairs())
     hook = policy.lm_head.register_forward_hook(favour_a)
     try:
-        labels = LlmJudge(policy, tokenizer, batch_size=4).judge(pairs())
+        pushed = LlmJudge(policy, tokenizer, batch_size=4).judge(pairs())
     finally:
         hook.remove()
-    assert [label.winner for label in labels] == ["tie"] * len(pairs())
-    assert all(label.verdicts["ab"] == "a" and label.verdicts["ba"] == "b" for label in labels)
+    assert all(label.verdicts["ab"] == "a" and label.verdicts["ba"] == "b" for label in pushed)
+    assert [label.winner for label in pushed] == [label.winner for label in plain]
+    for before, after in zip(plain, pushed):
+        assert after.verdicts["strength"] == pytest.approx(before.verdicts["strength"], abs=1e-3)
+        assert after.verdicts["position_bias"] == pytest.approx(before.verdicts["position_bias"] + 50, abs=1e-3)
 
 
 def test_rubric_and_principles_are_in_the_prompt(policy, tokenizer):
