@@ -583,10 +583,15 @@ def _check_reward_judge(reward: RewardSourceConfig, source) -> None:
     _check_judge_values(judge, f"{source}: ppo.reward.judge")
 
 
+# What the preference is (the labeller's principle) rather than how one judge works: a config states it once for
+# whichever judge the `type` key picks, people included, so it is never "unused".
+PREFERENCE_KEYS = {"rubric", "principles", "violation"}
+
+
 def unused_judge_keys(judge: JudgeConfig) -> list[str]:
     """Keys set for another judge type. Not an error: swapping judges must stay a change of `type` alone."""
     defaults = JudgeConfig()
-    optional = {key for keys in JUDGE_KEYS.values() for key in keys}
+    optional = {key for keys in JUDGE_KEYS.values() for key in keys} - PREFERENCE_KEYS
     return [key for key in sorted(optional - set(JUDGE_KEYS[judge.type]))
             if getattr(judge, key) != getattr(defaults, key)]
 
