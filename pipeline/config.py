@@ -218,6 +218,9 @@ class EvaluationConfig:
     """Prompts per generate call."""
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(type="reward_model", model="rm"))
     """Who decides the win rate of the new policy over the starting one (any judge but human)."""
+    judges: list = field(default_factory=list)
+    """More judges, each a mapping with the keys of `judge`, each giving its own win rate (eval/<type>/win_rate):
+    judges that did not train the policy (an AI judge beside the reward model that ppo and dpo's data came from)."""
     measure: str | None = None
     """A held-out check never trained on: 'module:function' (prompt, response) -> float, averaged over the
     responses before and after (the demo: reward.rules:is_specific)."""
@@ -480,14 +483,19 @@ def _check_distributed(config: RunConfig) -> None:
 
 def _check_evaluation(config: RunConfig) -> None:
     evaluation, source = config.evaluation, config.source
-    judge = evaluation.judge
-    if judge.type not in JUDGE_TYPES or judge.type == "human":
-        raise ConfigError(f"{source}: evaluation.judge.type '{judge.type}' must be one of "
-                          f"{', '.join(t for t in JUDGE_TYPES if t != 'human')} (a person is not asked here)")
-    for key in JUDGE_REQUIRED.get(judge.type, ()):
-        if not getattr(judge, key):
-            raise ConfigError(f"{source}: evaluation.judge.{key} is required for judge type {judge.type}")
-    _check_judge_values(judge, f"{source}: evaluation.judge")
+    evaluation.judges = [entry if isinstance(entry, JudgeConfig)
+                         else _build(JudgeConfig, entry, f"evaluation.judges.{i}.", source)
+                         for i, entry in enumerate(evaluation.judges)]
+    for where, judge in [("evaluation.judge", evaluation.judge),
+                         *((f"evaluation.judges.{i}", judge) for i, judge in enumerate(evaluation.judges))]:
+        if judge.type not in JUDGE_TYPES or judge.type in ("human", "human_file"):
+            raise ConfigError(f"{source}: {where}.type '{judge.type}' must be one of "
+                              f"{', '.join(t for t in JUDGE_TYPES if t not in ('human', 'human_file'))} (new "
+                              "responses have no labels yet, and a person is not asked here)")
+        for key in JUDGE_REQUIRED.get(judge.type, ()):
+            if not getattr(judge, key):
+                raise ConfigError(f"{source}: {where}.{key} is required for judge type {judge.type}")
+        _check_judge_values(judge, f"{source}: {where}")
     if evaluation.max_new_tokens < 1 or evaluation.batch_size < 1 or evaluation.temperature <= 0:
         raise ConfigError(f"{source}: evaluation needs max_new_tokens >= 1, batch_size >= 1 and temperature > 0")
     if evaluation.max_references < 0:
@@ -586,6 +594,11 @@ def _check_reward_judge(reward: RewardSourceConfig, source) -> None:
 # What the preference is (the labeller's principle) rather than how one judge works: a config states it once for
 # whichever judge the `type` key picks, people included, so it is never "unused".
 PREFERENCE_KEYS = {"rubric", "principles", "violation"}
+
+
+def evaluation_judges(config: RunConfig) -> list[JudgeConfig]:
+    """Every judge the evaluation after dpo and ppo asks: `evaluation.judge`, then `evaluation.judges`."""
+    return [config.evaluation.judge, *config.evaluation.judges]
 
 
 def unused_judge_keys(judge: JudgeConfig) -> list[str]:

@@ -224,6 +224,65 @@ def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
     ])
 
 
+def judged_win_rates(stage: Stage, config: dict) -> list[tuple[str, float, float | None, float | None]]:
+    """(judge, win rate, 95% low, 95% high) for every judge that compared the stage with its start: evaluation.judge
+    under eval/, each of evaluation.judges under eval/<type>/."""
+    evaluation = config.get("evaluation", {})
+    judges = [evaluation.get("judge", {}), *evaluation.get("judges", [])]
+    found = []
+    for key, value in stage.metrics.items():
+        if value is None or not (key.startswith("eval/") and key.endswith("win_rate")):
+            continue
+        space = key[len("eval/"):-len("win_rate")]
+        name = space.rstrip("/") or (judges[0].get("type") or "judge")
+        found.append((name, value, stage.metrics.get(f"eval/{space}win_rate_low"),
+                      stage.metrics.get(f"eval/{space}win_rate_high")))
+    return found
+
+
+def verdict(low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return "no interval"
+    return "better" if low > 0.5 else "worse" if high < 0.5 else "no clear difference"
+
+
+def alignment_section(stages: list[Stage], config: dict) -> Section | None:
+    """The headline: did the policy stages beat the policy they started from, under each judge, with what cost
+    (KL), on the held-out measure, and with warnings where the reward looks hacked."""
+    evaluated = [s for s in stages if s.name in POLICY_EVALUATED and s.metrics.get("eval/wins") is not None]
+    if not evaluated:
+        return None
+    rows, warnings = [], []
+    for stage in evaluated:
+        m = stage.metrics
+        rates = judged_win_rates(stage, config)
+        for name, rate, low, high in rates:
+            interval = f"{_pct(low)} – {_pct(high)}" if low is not None else "n/a"
+            rows.append([stage.name, name, _pct(rate), interval, verdict(low, high),
+                         _change(m.get("eval/measure_before"), m.get("eval/measure_after"), 3),
+                         _num(m.get("eval/kl_to_start"), 3),
+                         _change(m.get("eval/degenerate_before"), m.get("eval/degenerate_after"), 3)])
+        independent = rates[1:] or rates  # judges that did not train the policy, where the config names any
+        reward_rose = (m.get("ppo/reward_mean") is not None and m.get("ppo/reward_mean_first") is not None
+                       and m["ppo/reward_mean"] > m["ppo/reward_mean_first"])
+        if reward_rose and all(verdict(low, high) != "better" for _, _, low, high in independent):
+            warnings.append(f"{stage.name}: its training reward rose ({m['ppo/reward_mean_first']:.3f} → "
+                            f"{m['ppo/reward_mean']:.3f}) but no independent judge finds it better than its start: "
+                            "a sign of reward hacking; read its samples.")
+        if (m.get("eval/degenerate_after") or 0) > (m.get("eval/degenerate_before") or 0):
+            warnings.append(f"{stage.name}: {_pct(m['eval/degenerate_after'])} of its held-out answers repeat a "
+                            f"three-word phrase three times or more (its start: {_pct(m.get('eval/degenerate_before'))})"
+                            ": degenerate text a reward can favour.")
+    text = ("Each policy against the one it started from on held-out prompts, under every judge that compared them "
+            "(a tie counts half; the interval is 95%, Wilson). \"better\" needs the whole interval above 50%.")
+    blocks = [text, Table(["stage", "judge", "win rate", "95% interval", "verdict", "held-out measure before → "
+                           "after", "KL to start", "repetitive answers before → after"], rows)]
+    blocks += [f"Warning: {warning}" for warning in warnings] or ["No sign of reward hacking: no training reward rose "
+                                                                  "without an independent judge seeing it, and no "
+                                                                  "more repetitive answers than before."]
+    return Section("Did it align?", blocks)
+
+
 def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
     from pipeline import plots
 
@@ -303,7 +362,7 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
     by_name = {stage.name: stage for stage in stages}
     # In the order of the pipeline: labels, the reward model, then the policies trained against them.
     sections = [
-        summary_section(stages), loss_section(stages),
+        alignment_section(stages, config), summary_section(stages), loss_section(stages),
         preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
         calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
         ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,

@@ -21,7 +21,7 @@ from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
 )
-from pipeline.config import POLICY_STAGES, STAGE_ORDER, RunConfig
+from pipeline.config import POLICY_STAGES, STAGE_ORDER, RunConfig, evaluation_judges
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
@@ -49,8 +49,8 @@ def referenced_stages(config: RunConfig, name: str) -> list[str]:
         models.append(config.ppo.reward.judge.model)
     if name == "ppo" and config.ppo.critic:
         models.append(config.ppo.critic)
-    if name in ("dpo", "ppo") and config.evaluation.prompts and config.evaluation.judge.type in MODEL_JUDGES:
-        models.append(config.evaluation.judge.model)
+    if name in ("dpo", "ppo") and config.evaluation.prompts:
+        models += [judge.model for judge in evaluation_judges(config) if judge.type in MODEL_JUDGES]
     return sorted({model for model in models if model in STAGE_ORDER and model != name})
 
 

@@ -1,11 +1,12 @@
 """After dpo or ppo: the new policy against the one it started from, on held-out prompts (`evaluation:`).
 
 1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py).
-2. Win rate: the configured judge (default: this run's reward model) compares each new response with the starting
-   policy's response to the same prompt; a tie counts half.
+2. Win rate: the configured judge (default: this run's reward model), and each of `evaluation.judges`, compares
+   each new response with the starting policy's response to the same prompt; a tie counts half; 95% Wilson interval.
 3. KL to the start: the mean over the new policy's own responses of sum_t log pi_new(y_t) - log pi_start(y_t), a
    Monte-Carlo estimate of KL(pi_new || pi_start) per response.
-4. A held-out measure never trained on (`evaluation.measure`, e.g. how often answers are specific), before and after.
+4. A held-out measure never trained on (`evaluation.measure`, e.g. how often answers are specific), before and after,
+   and how many responses repeat themselves (stages.metrics.is_degenerate), before and after.
 
 With an adapter, both policies are one model: the starting policy is the base with the adapter switched off, which
 is exactly what dpo and ppo were trained against. Samples go to <stage>/eval_samples.jsonl for reading.
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import SamplingConfig
+from pipeline.config import SamplingConfig, evaluation_judges
 from pipeline.context import StageContext
 from pipeline.log import log, track
 from pipeline.render import prompt_ids, response_ids
 from reward.pairs import Pair
+from stages.metrics import is_degenerate, wilson_interval
 
 
 @torch.inference_mode()
@@ -89,20 +91,30 @@ def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) ->
     new_logp = response_logprobs(model, tokenizer, prompts, new, evaluation.batch_size)
     kl = sum(n - s for n, s in zip(new_logp, start_logp)) / len(prompts)
 
-    # 2. Win rate of the new response (shown as a) over the starting policy's (b).
-    judge = build_judge(evaluation.judge, ctx.config, ctx.run_dir)
+    # 2. Win rate of the new response (shown as a) over the starting policy's (b), under every judge: eval/ for
+    #    evaluation.judge, eval/<type>/ for each of evaluation.judges.
     pairs = [Pair.create(p, a, b, source) for p, a, b, (_, source) in zip(prompts, new, old, loaded)]
-    labels = {label.pair_id: label.winner for label in judge.judge(pairs)}
-    winners = [labels.get(pair.id) for pair in pairs]
-    wins, ties, losses = winners.count("a"), winners.count("tie"), winners.count("b")
-    judged = wins + ties + losses
-    metrics = {
-        "eval/win_rate": (wins + ties / 2) / judged if judged else None,
-        "eval/wins": wins, "eval/ties": ties, "eval/losses": losses, "eval/unjudged": len(pairs) - judged,
+    metrics, names = {}, []
+    for index, judge_cfg in enumerate(evaluation_judges(ctx.config)):
+        judge = build_judge(judge_cfg, ctx.config, ctx.run_dir)
+        labels = {label.pair_id: label.winner for label in judge.judge(pairs)}
+        judged_winners = [labels.get(pair.id) for pair in pairs]
+        if index == 0:
+            prefix, winners = "eval/", judged_winners
+        else:  # named by type, numbered when a type comes twice: eval/contrastive/, eval/contrastive2/
+            same = sum(other.type == judge_cfg.type for other in ctx.config.evaluation.judges[:index - 1])
+            prefix = f"eval/{judge_cfg.type}{same + 1 if same else ''}/"
+        metrics.update(win_rate(judged_winners, prefix))
+        names.append(judge.name)
+    metrics.update({
         "eval/kl_to_start": kl,
         "eval/response_words_before": sum(len(r.split()) for r in old) / len(old),
         "eval/response_words_after": sum(len(r.split()) for r in new) / len(new),
-    }
+        # Repeated n-grams: the loops a policy falls into when it hacks its reward.
+        "eval/degenerate_before": sum(map(is_degenerate, old)) / len(old),
+        "eval/degenerate_after": sum(map(is_degenerate, new)) / len(new),
+    })
+    wins, ties, losses = metrics["eval/wins"], metrics["eval/ties"], metrics["eval/losses"]
     # 4. The held-out measure.
     scores_old = scores_new = [None] * len(prompts)
     if evaluation.measure:
@@ -114,10 +126,22 @@ def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) ->
     samples = _write_samples(ctx.stage_dir / "eval_samples.jsonl", prompts, old, new, winners, scores_old, scores_new)
     ctx.tracker.log_table("eval/samples", list(samples[0]), [list(sample.values()) for sample in samples])
     log(f"{ctx.name}: win rate over the starting policy {_pct(metrics['eval/win_rate'])} "
-        f"({wins} wins, {ties} ties, {losses} losses, judge {judge.name}); KL to it {kl:.3f} nats per response"
+        f"({wins} wins, {ties} ties, {losses} losses, judge {names[0]}); KL to it {kl:.3f} nats per response"
         + (f"; {evaluation.measure} {metrics['eval/measure_before']:.3f} → {metrics['eval/measure_after']:.3f}"
            if evaluation.measure else ""))
     return metrics
+
+
+def win_rate(winners: list[str | None], prefix: str) -> dict:
+    """Win rate (a tie counts half) with its 95% Wilson interval, and the counts; None marks an unjudged pair."""
+    wins, ties, losses = winners.count("a"), winners.count("tie"), winners.count("b")
+    judged = wins + ties + losses
+    interval = wilson_interval(wins + ties / 2, judged)
+    return {f"{prefix}win_rate": (wins + ties / 2) / judged if judged else None,
+            f"{prefix}win_rate_low": interval[0] if interval else None,
+            f"{prefix}win_rate_high": interval[1] if interval else None,
+            f"{prefix}wins": wins, f"{prefix}ties": ties, f"{prefix}losses": losses,
+            f"{prefix}unjudged": len(winners) - judged}
 
 
 def answer_references(ctx: StageContext, model, tokenizer, conversations: list) -> dict:

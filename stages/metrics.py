@@ -56,3 +56,31 @@ def binary_f1(predicted: list[bool], actual: list[bool]) -> float | None:
     true_pos = sum(p and a for p, a in zip(predicted, actual))
     denominator = sum(predicted) + sum(actual)
     return 2 * true_pos / denominator if denominator else None
+
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval (95% at z = 1.96) of a win rate of `wins` out of `n`; ties counted as half a win,
+    which is the usual reading of a win rate and keeps the interval inside [0, 1]. None for n = 0."""
+    if n == 0:
+        return None
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# A response repeats itself when one word n-gram comes back this often: "Tip: Tip: Tip: ..." or a sentence looping.
+REPEAT_NGRAM, REPEAT_TIMES = 3, 3
+
+
+def is_degenerate(response: str) -> bool:
+    """Whether some word REPEAT_NGRAM-gram occurs REPEAT_TIMES times or more: the loops a policy falls into when it
+    hacks its reward (ordinary answers of a few sentences do not repeat three words three times)."""
+    words = response.lower().split()
+    counts: dict[tuple, int] = {}
+    for i in range(len(words) - REPEAT_NGRAM + 1):
+        gram = tuple(words[i:i + REPEAT_NGRAM])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= REPEAT_TIMES:
+            return True
+    return False

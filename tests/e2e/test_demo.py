@@ -36,6 +36,10 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     assert dpo["status"] == "completed" and dpo["base_model"].endswith("dpo/base")
     assert dpo["metrics"]["eval/wins"] + dpo["metrics"]["eval/ties"] + dpo["metrics"]["eval/losses"] == 4
     assert 0 <= dpo["metrics"]["eval/measure_after"] <= 1
+    # The demo's second judge, one that trained neither policy, and the interval around each win rate.
+    for key in ("eval/contrastive/win_rate", "eval/win_rate_low", "eval/contrastive/win_rate_high"):
+        assert 0 <= dpo["metrics"][key] <= 1, key
+    assert "Did it align?" in (run_dir / "report.md").read_text()
     ppo = json.loads((run_dir / "ppo" / "stage.json").read_text())
     assert ppo["status"] == "completed" and ppo["metrics"]["train/steps"] == 2
     assert 0 <= ppo["metrics"]["eval/win_rate"] <= 1

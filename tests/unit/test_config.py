@@ -430,3 +430,15 @@ def test_a_partly_written_nested_section_keeps_that_section_s_own_defaults(tmp_p
     ppo = minimal(ppo={"data": {"train": "data/preferences/prompts.jsonl"}})
     config = load_config(write_config(tmp_path, ppo), ["ppo.reward.judge.length_norm=mean"])
     assert (config.ppo.reward.judge.type, config.ppo.reward.judge.length_norm) == ("contrastive", "mean")
+
+
+def test_evaluation_takes_more_judges_each_checked(tmp_path, in_repo):
+    config = load_config(write_config(tmp_path, minimal(evaluation={"judges": [{"type": "contrastive"},
+                                                                                {"type": "rule", "function": "x:y"}]})))
+    assert [(j.type, j.function) for j in config.evaluation.judges] == [("contrastive", None), ("rule", "x:y")]
+    with pytest.raises(ConfigError, match=r"unknown key 'evaluation.judges.0.rubrik'.*'rubric'"):
+        load_config(write_config(tmp_path, minimal(evaluation={"judges": [{"type": "llm", "rubrik": "x"}]})))
+    with pytest.raises(ConfigError, match=r"evaluation.judges.1.function is required"):
+        load_config(write_config(tmp_path, minimal(evaluation={"judges": [{"type": "llm"}, {"type": "rule"}]})))
+    with pytest.raises(ConfigError, match=r"evaluation.judge.type 'human_file' must be one of"):
+        load_config(write_config(tmp_path, minimal(evaluation={"judge": {"type": "human_file", "path": "x"}})))
