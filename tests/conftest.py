@@ -107,3 +107,16 @@ def assert_adapter_changes_output(base_model: str, adapter_dir: Path) -> None:
         with model.disable_adapter():
             reference = model(ids).logits
     assert not torch.allclose(tuned, reference)
+
+
+def with_large_random_weights(model, std: float, seed: int):
+    """`model` with every matrix redrawn from N(0, std): the tiny model's own small weights give nearly the same
+    output for every input, which leaves a judge built on it nothing to tell apart."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, std, generator=generator)
+    return model

@@ -12,7 +12,9 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline
+from conftest import (
+    REPO, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline, with_large_random_weights,
+)
 from judge_server import start_server, stop_server
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -113,12 +115,7 @@ def opinionated_judge_model(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("judge_model")
     tokenizer = load_tokenizer(ModelConfig("tiny-random-smollm2"))
     model = load_policy(tiny_model_dir, None, ModelConfig("tiny-random-smollm2"), tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.5, generator=generator)
-    model.save_pretrained(out)
+    with_large_random_weights(model, std=0.5, seed=0).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import with_large_random_weights
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, PipelineError
@@ -26,13 +27,7 @@ def pairs() -> list[Pair]:
 @pytest.fixture(scope="module")
 def model(tiny_model_dir, tokenizer):
     """Larger random weights, so likelihoods differ by more than rounding between the two instructions."""
-    model = load_policy(tiny_model_dir, None, CFG, tokenizer)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3, generator=generator)
-    return model
+    return with_large_random_weights(load_policy(tiny_model_dir, None, CFG, tokenizer), std=0.3, seed=1)
 
 
 def reference_logp(model, tokenizer, messages, response) -> tuple[float, int]:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import with_large_random_weights
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError, PipelineError
@@ -32,13 +33,7 @@ def pairs() -> list[Pair]:
 def policy(tiny_model_dir, tokenizer):
     """The tiny model with larger random weights. With its own small ones it answers "A" to every prompt alike
     (all ties), which would leave the both-orders tests nothing to tell apart; these make p(A) depend on the text."""
-    model = load_policy(tiny_model_dir, None, CFG, tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3, generator=generator)
-    return model
+    return with_large_random_weights(load_policy(tiny_model_dir, None, CFG, tokenizer), std=0.3, seed=0)
 
 
 # ---------------------------------------------------------------------------- LLM judge
