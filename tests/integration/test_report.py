@@ -22,7 +22,7 @@ SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false",
          "--set", "rm.trainer.max_steps=2", "--set", "dpo.trainer.max_steps=2", "--set", "ppo.trainer.max_steps=2",
          "--set", "dpo.data.eval_split=0.03",  # dpo evaluates its held-out pairs before and after: keep them few
          "--set", "evaluation.max_prompts=2"]
-SECTIONS = ["Stages", "Training curves", "Preference labels and judge agreement", "Reward model calibration",
+SECTIONS = ["Did it align?", "Stages", "Training curves", "Preference labels and judge agreement", "Reward model calibration",
             "PPO: reward and KL", "Win rate over the starting policy", "Sample generations, before and after"]
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -62,6 +62,15 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
     assert not list(run_dir.glob(".report*.tmp")), "written through a temporary file, renamed into place"
     stages = manifests(run_dir)
     assert sorted(stages) == ["dpo", "ppo", "preferences", "rm"]
+    # The headline: each policy stage's win rate under its judge, with the 95% interval and the verdict.
+    headline = markdown[:markdown.index("## Stages")]
+    for name in ("dpo", "ppo"):
+        metrics = stages[name]["metrics"]
+        [row] = table_rows(headline, name)
+        assert row[2:4] == [f"{metrics['eval/win_rate']:.1%}",
+                            f"{metrics['eval/win_rate_low']:.1%} – {metrics['eval/win_rate_high']:.1%}"]
+        assert row[4] in ("better", "worse", "no clear difference")
+    markdown = markdown[markdown.index("## Stages"):]  # below, the tables after the headline
     for name, manifest in stages.items():
         metrics = manifest["metrics"]
         row = table_rows(markdown, name)[0]  # the stages table comes first
