@@ -235,9 +235,10 @@ def judged_win_rates(stage: Stage, config: dict) -> list[tuple[str, float, float
             continue
         space = key[len("eval/"):-len("win_rate")]
         name = space.rstrip("/") or (judges[0].get("type") or "judge")
-        found.append((name, value, stage.metrics.get(f"eval/{space}win_rate_low"),
+        found.append((space == "", name, value, stage.metrics.get(f"eval/{space}win_rate_low"),
                       stage.metrics.get(f"eval/{space}win_rate_high")))
-    return found
+    # evaluation.judge first (stage.json keeps its metrics sorted, which puts eval/<type>/ before eval/win_rate).
+    return [row[1:] for row in sorted(found, key=lambda row: not row[0])]
 
 
 def verdict(low: float | None, high: float | None) -> str:

@@ -122,10 +122,10 @@ def test_the_report_headline_says_whether_it_aligned_and_warns_of_reward_hacking
         "eval/contrastive/win_rate": 0.75, "eval/contrastive/win_rate_low": 0.66,
         "eval/contrastive/win_rate_high": 0.82, "eval/measure_before": 0.2, "eval/measure_after": 0.6,
         "eval/kl_to_start": 1.5, "eval/degenerate_before": 0.0, "eval/degenerate_after": 0.0}}, [])
-    ppo = Stage("ppo", {"metrics": {
-        "eval/wins": 60, "eval/win_rate": 0.62, "eval/win_rate_low": 0.52, "eval/win_rate_high": 0.71,
-        "eval/contrastive/win_rate": 0.5, "eval/contrastive/win_rate_low": 0.4,
-        "eval/contrastive/win_rate_high": 0.6, "ppo/reward_mean_first": 1.0, "ppo/reward_mean": 3.0,
+    ppo = Stage("ppo", {"metrics": {  # sorted keys, as stage.json holds them: the extra judge comes first
+        "eval/contrastive/win_rate": 0.5, "eval/contrastive/win_rate_high": 0.6,
+        "eval/contrastive/win_rate_low": 0.4, "eval/win_rate": 0.62, "eval/win_rate_high": 0.71,
+        "eval/win_rate_low": 0.52, "eval/wins": 60, "ppo/reward_mean_first": 1.0, "ppo/reward_mean": 3.0,
         "eval/degenerate_before": 0.0, "eval/degenerate_after": 0.1}}, [])
     section = alignment_section([dpo, ppo], config)
     [table] = [block for block in section.blocks if isinstance(block, Table)]
