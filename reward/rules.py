@@ -1,14 +1,15 @@
 """Rule scorers for the `rule` judge (`preferences.judge.type: rule`, `function: reward.rules:<name>`).
 
 They exist so the demo preference can be checked without a person or a paid model: the labeller of
-data/preferences/beekeeping_pairs.jsonl preferred the specific, actionable answer (a concrete figure written with
-digits and a closing "Tip:" sentence) over the vague one (hedges, no figures). `specificity` scores that property and
-`is_specific` turns it into a yes/no, so "fraction of specific answers" can be measured on held-out prompts before and
-after DPO/PPO, and a reward model's ranking can be compared with an independent check.
+data/preferences/beekeeping_pairs.jsonl preferred the specific answer (concrete figures written with digits) over the
+vague one (hedges, no figures), whichever of them closes with the sft data's "Tip:" sentence. `specificity` scores
+that property and `is_specific` turns it into a yes/no, so "fraction of specific answers" can be measured on held-out
+prompts before and after DPO/PPO, and a reward model's ranking can be compared with an independent check. `has_tip`
+stays as the marker the pairs were built to make useless: a policy or reward model that learnt it learnt the cue.
 
 These are heuristics, not the labeller: the labels came from reading each pair, and the vague answers in the data use
-far more hedging wordings than the short list below. A response can fool the rules (a stray digit, a "Tip:" with
-nothing useful after it), so use them as a cheap signal next to human or model judgements, not instead of them.
+far more hedging wordings than the short list below. A response can fool the rules (a stray digit), so use them as a
+cheap signal next to human or model judgements, not instead of them.
 
 Every scorer has the rule judge's signature, score(prompt: list[dict], response: str) -> float, and uses only the
 standard library.
@@ -54,13 +55,13 @@ def hedges(response: str) -> list[str]:
 
 
 def specificity(prompt: list[dict], response: str) -> float:
-    """+1 for a figure written with digits, +1 for a "Tip:" sentence, -1 for each hedge phrase found."""
-    return float(has_figure(response)) + float(has_tip(response)) - len(hedges(response))
+    """+1 for a figure written with digits, -1 for each hedge phrase found."""
+    return float(has_figure(response)) - len(hedges(response))
 
 
 def is_specific(prompt: list[dict], response: str) -> float:
-    """1.0 when the response has a digit, a "Tip:" sentence and none of the hedge phrases, else 0.0."""
-    return 1.0 if has_figure(response) and has_tip(response) and not hedges(response) else 0.0
+    """1.0 when the response has a digit and none of the hedge phrases, else 0.0."""
+    return 1.0 if has_figure(response) and not hedges(response) else 0.0
 
 
 def shorter(prompt: list[dict], response: str) -> float:

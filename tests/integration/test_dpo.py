@@ -22,7 +22,7 @@ def test_dpo_trains_a_lora_adapter_against_its_own_base(tmp_path):
     manifest = json.loads((tmp_path / "run" / "dpo" / "stage.json").read_text())
     assert manifest["status"] == "completed"
     metrics = manifest["metrics"]
-    assert metrics["data/train_pairs"] + metrics["data/eval_pairs"] == 228  # the 12 ties are not pairs to learn from
+    assert metrics["data/train_pairs"] + metrics["data/eval_pairs"] == 180  # the 12 ties are not pairs to learn from
     assert 0 <= metrics["dpo/eval_accuracy"] <= 1 and metrics["dpo/eval_accuracy_before"] is not None
     assert isinstance(metrics["eval/overfitting"], bool)
     adapter = load_safetensors_dir(tmp_path / "run" / "dpo" / "final")
