@@ -98,6 +98,10 @@ class DataConfig:
     general_eval: str | None = None
     """cpt: general (not domain) text, .txt/.jsonl/.json like train, whose perplexity before and after training shows
     what the domain training cost elsewhere (forgetting); e.g. data/general/general.txt."""
+    probes: dict = field(default_factory=dict)
+    """rm: more held-out preference files, {name: path}, whose accuracy is measured before and after training, e.g.
+    pairs built so that a surface cue (a marker, the length) points to the rejected answer. Their prompts must not be
+    among the training pairs'."""
 
 
 @dataclass
@@ -453,6 +457,12 @@ def _check_values(config: RunConfig) -> None:
             raise ConfigError(f"{config.source}: {name}.data.general_eval: only cpt evaluates on general text")
         if not 0 <= stage.data.eval_split < 1:
             raise ConfigError(f"{config.source}: {name}.data.eval_split must be in [0, 1), got {stage.data.eval_split}")
+        if stage.data.probes and name != "rm":
+            raise ConfigError(f"{config.source}: {name}.data.probes: only rm measures accuracy on probe sets")
+        for probe, path in stage.data.probes.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(probe)) or not isinstance(path, str) or not path:
+                raise ConfigError(f"{config.source}: {name}.data.probes.{probe}: expected a lower-case name "
+                                  "(letters, digits, _) mapped to a preference file path")
     _check_preferences(config)
     _check_evaluation(config)
     _check_ppo(config)

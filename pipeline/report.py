@@ -276,12 +276,25 @@ def alignment_section(stages: list[Stage], config: dict) -> Section | None:
                             ": degenerate text a reward can favour.")
     text = ("Each policy against the one it started from on held-out prompts, under every judge that compared them "
             "(a tie counts half; the interval is 95%, Wilson). \"better\" needs the whole interval above 50%.")
+    rm = next((s for s in stages if s.name == "rm" and s.metrics.get("rm/eval_accuracy") is not None), None)
+    if rm is not None:
+        text += (f" The reward model: held-out accuracy {_pct(rm.metrics['rm/eval_accuracy'])}."
+                 + _probe_text(rm.metrics))
     blocks = [text, Table(["stage", "judge", "win rate", "95% interval", "verdict", "held-out measure before → "
                            "after", "KL to start", "repetitive answers before → after"], rows)]
     blocks += [f"Warning: {warning}" for warning in warnings] or ["No sign of reward hacking: no training reward rose "
                                                                   "without an independent judge seeing it, and no "
                                                                   "more repetitive answers than before."]
     return Section("Did it align?", blocks)
+
+
+def _probe_text(m: dict) -> str:
+    """rm.data.probes: accuracy before → after on each held-out set built to break a surface cue."""
+    names = sorted(k[len("rm/probe_"):-len("_accuracy")] for k in m
+                   if k.startswith("rm/probe_") and k.endswith("_accuracy"))
+    return "".join(f" On the probe '{name}' (pairs built so that a surface cue points to the rejected answer): "
+                   f"accuracy {_change(m.get(f'rm/probe_{name}_accuracy_before'), m.get(f'rm/probe_{name}_accuracy'), 3)}."
+                   for name in names)
 
 
 def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
@@ -294,7 +307,7 @@ def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
     text = (f"Held-out accuracy {_change(m.get('rm/eval_accuracy_before'), m.get('rm/eval_accuracy'), 3)}, "
             f"mean margin {_change(m.get('rm/eval_margin_before'), m.get('rm/eval_margin'), 3)}, expected "
             f"calibration error {_num(m.get('rm/eval_ece'), 3)} on {_num(m.get('data/eval_pairs'))} pairs. "
-            "The model's P(chosen wins) = sigmoid(r_chosen - r_rejected).")
+            "The model's P(chosen wins) = sigmoid(r_chosen - r_rejected)." + _probe_text(m))
     rows = [[b["confidence"], str(b["pairs"]), _num(b["mean_confidence"], 3), _num(b["accuracy"], 3)]
             for b in calibration["bins"]]
     return Section("Reward model calibration", [

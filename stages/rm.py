@@ -33,7 +33,28 @@ def uses_model(config: RunConfig) -> bool:
 
 
 def data_files(config: RunConfig) -> dict:
-    return lm.data_files(config, NAME)
+    return {**lm.data_files(config, NAME),
+            **{f"probe:{name}": path for name, path in config.rm.data.probes.items()}}
+
+
+def load_probes(config: RunConfig) -> dict[str, list[PreferenceRow]]:
+    """The rm.data.probes sets by name: held-out pairs built to break a surface cue (see DataConfig.probes)."""
+    from reward.importers import load_preferences
+
+    return {name: [row for row in load_preferences(path, "auto") if not row.tie]
+            for name, path in config.rm.data.probes.items()}
+
+
+def check_probes_held_out(probes: dict, train_rows: list[PreferenceRow]) -> None:
+    """A probe scored on prompts the model trained on would measure memory, not the cue it was built to test."""
+    import json
+
+    trained = {json.dumps(row.prompt, sort_keys=True) for row in train_rows}
+    for name, rows in probes.items():
+        shared = sum(json.dumps(row.prompt, sort_keys=True) in trained for row in rows)
+        if shared:
+            raise ConfigError(f"rm.data.probes.{name}: {shared} of its {len(rows)} prompts are among the training "
+                              "pairs; a probe must be held out")
 
 
 def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
@@ -45,10 +66,13 @@ def check(config: RunConfig) -> str:
 
     preference_data.check_format(config, NAME)
     train, held_out = load(config)
+    probes = load_probes(config)
+    check_probes_held_out(probes, train)
     lm.trainer_args(RewardConfig, NAME, config.rm.trainer, config.seed, output_dir="unused")
+    probed = "".join(f", probe {name}: {len(rows)} pairs" for name, rows in probes.items())
     if not config.rm.data.train:
-        return "trains on the preferences stage's output"
-    return f"{len(train)} train / {len(held_out)} eval pairs"
+        return "trains on the preferences stage's output" + probed
+    return f"{len(train)} train / {len(held_out)} eval pairs" + probed
 
 
 def tokenize(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list, list[dict], int]:
@@ -129,6 +153,8 @@ def run(ctx: StageContext) -> dict:
                             "tie and unlabelled counts)")
     if not train_tok:
         raise ConfigError(f"{NAME}: no training pair fits in max_length={limit}")
+    probes = load_probes(ctx.config)
+    check_probes_held_out(probes, train_rows)
     log(f"{NAME}: {len(train_tok)} train / {len(eval_tok)} held-out pairs")
     metrics = {"data/train_pairs": len(train_tok), "data/eval_pairs": len(eval_tok),
                "data/dropped_too_long": dropped_train + dropped_eval}
@@ -139,6 +165,9 @@ def run(ctx: StageContext) -> dict:
         before = evaluate(model, tokenizer, eval_rows, batch_size, limit)
         ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"],
                     "rm/eval_f1_before": before["f1"]})
+    if ctx.resume_from is None:
+        ctx.record({f"rm/probe_{name}_accuracy_before": evaluate(model, tokenizer, rows, batch_size, limit)["accuracy"]
+                    for name, rows in probes.items()})
     args = lm.trainer_args(RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
                            **lm.managed_args(ctx, has_eval=False))  # rm measures held-out accuracy itself
     trainer = RewardTrainer(
@@ -163,6 +192,9 @@ def run(ctx: StageContext) -> dict:
         for row in after["calibration"]:
             log(f"  confidence {row['confidence']}: {row['pairs']:>4} pairs, accuracy "
                 f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.0%')}", markup=False)
+    for name, rows in probes.items():
+        metrics[f"rm/probe_{name}_accuracy"] = evaluate(trainer.model, tokenizer, rows, batch_size, limit)["accuracy"]
+        log(f"{NAME}: accuracy on the probe '{name}' {metrics[f'rm/probe_{name}_accuracy']:.1%} ({len(rows)} pairs)")
     lm.save_trained(trainer, tokenizer, ctx.final_dir)
     ctx.record(base_model=str(base_dir))
     return metrics

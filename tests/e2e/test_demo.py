@@ -37,6 +37,7 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     assert preferences["metrics"]["agreement/raw"] == 1.0  # the judge is the human file it is compared with
     assert rm["init"]["adapter"].endswith("sft/final") and rm["base_model"].endswith("rm/base")
     assert 0 <= rm["metrics"]["rm/eval_accuracy"] <= 1
+    assert 0 <= rm["metrics"]["rm/probe_cue_accuracy_before"] <= 1 and 0 <= rm["metrics"]["rm/probe_cue_accuracy"] <= 1
     dpo = json.loads((run_dir / "dpo" / "stage.json").read_text())
     assert dpo["status"] == "completed" and dpo["base_model"].endswith("dpo/base")
     assert dpo["metrics"]["eval/wins"] + dpo["metrics"]["eval/ties"] + dpo["metrics"]["eval/losses"] == 4
@@ -76,7 +77,7 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
 @pytest.mark.parametrize("judge", ["contrastive", "llm"])
 def test_one_key_swaps_the_human_labels_for_smollm2_as_judge(tmp_path, judge):
     """RLHF to RLAIF: the demo's preferences with one key changed, SmolLM2-135M-Instruct judging pairs the person
-    labelled, reported against the person's labels (the first 24 of the 240 pairs, to keep CI short). The
+    labelled, reported against the person's labels (the first 24 of the 192 pairs, to keep CI short). The
     contrastive judge agrees with the person; the A/B-reading llm judge shows its position prior, removed."""
     subset = tmp_path / "pairs.jsonl"
     lines = (REPO / "data" / "preferences" / "beekeeping_pairs.jsonl").read_text().splitlines()

@@ -58,12 +58,15 @@ def test_shipped_pairs_then_rm(tmp_path):
     stages = status(run_dir)
     assert stages["preferences"]["status"] == "completed" and stages["rm"]["status"] == "completed"
     metrics = stages["preferences"]["metrics"]
-    assert metrics["preferences/pairs"] == 240 and metrics["preferences/ties"] == 12
-    assert metrics["preferences/rows"] == 228 == len(read_jsonl(run_dir / "preferences" / "final" / "preferences.jsonl"))
+    assert metrics["preferences/pairs"] == 192 and metrics["preferences/ties"] == 12
+    assert metrics["preferences/rows"] == 180 == len(read_jsonl(run_dir / "preferences" / "final" / "preferences.jsonl"))
 
     rm_metrics = stages["rm"]["metrics"]
     assert 0 <= rm_metrics["rm/eval_accuracy"] <= 1 and rm_metrics["data/eval_pairs"] > 0
     assert 0 <= rm_metrics["rm/eval_f1"] <= 1 and 0 <= rm_metrics["rm/eval_f1_before"] <= 1
+    # The smoke config's probe (rm.data.probes): scored before and after, and part of the stage's cache key.
+    assert 0 <= rm_metrics["rm/probe_cue_accuracy_before"] <= 1 and 0 <= rm_metrics["rm/probe_cue_accuracy"] <= 1
+    assert "data.probe:cue" in stages["rm"]["hashes"], stages["rm"]["hashes"]
     calibration = json.loads((run_dir / "rm" / "calibration.json").read_text())["bins"]
     assert sum(row["pairs"] for row in calibration) == rm_metrics["data/eval_pairs"]
 

@@ -80,6 +80,9 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
             assert row[4] == f"{metrics['train/loss']:.4f}"
     rm, dpo, ppo, prefs = (stages[name]["metrics"] for name in ("rm", "dpo", "ppo", "preferences"))
     assert f"{rm['rm/eval_accuracy_before']:.4f} → {rm['rm/eval_accuracy']:.3f}" in table_row(markdown, "rm")[5]
+    probe = f"On the probe 'cue' (pairs built so that a surface cue points to the rejected answer): accuracy " \
+            f"{rm['rm/probe_cue_accuracy_before']:.3f} → {rm['rm/probe_cue_accuracy']:.3f}."
+    assert probe in headline and probe in markdown  # in the headline and under the calibration
     assert f"{prefs['preferences/rows']} pairs, {prefs['preferences/ties']} ties" in table_row(markdown, "preferences")[5]
     for name, metrics in (("dpo", dpo), ("ppo", ppo)):
         _, win = table_rows(markdown, name)  # the stages table's row, then the win-rate table's

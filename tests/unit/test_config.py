@@ -177,6 +177,28 @@ def test_enabled_stage_needs_train_file(tmp_path):
         load_config(write_config(tmp_path, {"sft": {"trainer": {}}}))
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"sft": {"data": {"train": SFT_TRAIN, "probes": {"cue": "p.jsonl"}}}}, "sft.data.probes: only rm"),
+    ({"rm": {"data": {"probes": {"Cue set": "p.jsonl"}}}}, "rm.data.probes.Cue set: expected a lower-case name"),
+    ({"rm": {"data": {"probes": {"cue": ""}}}}, "rm.data.probes.cue: expected"),
+])
+def test_probe_sets_are_rm_only_and_named(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, {**minimal(), **data}))
+
+
+def test_a_probe_must_be_held_out():
+    """A probe whose prompts the reward model trains on would measure memory, not the cue it was built to break."""
+    from reward.pairs import PreferenceRow
+    from stages.rm import check_probes_held_out
+
+    row = PreferenceRow(prompt=[{"role": "user", "content": "How much syrup?"}], chosen="2 litres.", rejected="Some.")
+    other = PreferenceRow(prompt=[{"role": "user", "content": "When?"}], chosen="In May.", rejected="Later.")
+    check_probes_held_out({"cue": [row]}, [other])
+    with pytest.raises(ConfigError, match=r"rm.data.probes.cue: 1 of its 1 prompts are among the training pairs"):
+        check_probes_held_out({"cue": [row]}, [other, row])
+
+
 # ---------------------------------------------------------------------------- --set overrides
 
 def test_override_learning_rate_decimal_is_float(tmp_path):
