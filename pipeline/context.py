@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from pipeline.artifacts import read_manifest, write_manifest
 from pipeline.config import RunConfig, StageConfig
-from pipeline.log import is_main_process
+from pipeline.distributed import is_main_process
 
 
 @dataclass
@@ -51,6 +52,9 @@ class StageContext:
     data_from: Path | None = None
     """An earlier stage's final/ directory holding the data this stage trains on (see runner.DATA_FROM)."""
     run_dir: Path | None = None
+    launcher: Callable[..., dict] | None = None
+    """How a stage runs a part of itself in the processes `accelerate launch` starts: launcher(ctx, entry=
+    "module:function"). The runner hands in pipeline.launch.run_launched, so no stage imports the launcher."""
 
     @property
     def section(self) -> StageConfig:

@@ -16,7 +16,6 @@ share: DeepSpeed writes each process's checkpoint shard itself).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import importlib
@@ -33,7 +32,8 @@ from pipeline.config import DistributedConfig, RunConfig
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import PipelineError
 from pipeline.join import current_run_id
-from pipeline.log import is_main_process, log
+from pipeline.distributed import is_main_process, start_process_group
+from pipeline.log import log
 
 SPEC = "launch.json"
 RESULT = "launch_result.json"
@@ -77,30 +77,6 @@ def accelerate_command(dist: DistributedConfig, spec: Path) -> list[str]:
     elif dist.world_size > 1:
         command += ["--multi_gpu"]
     return [*command, "-m", "pipeline.launch", str(spec)]
-
-
-def deepspeed_plugin(dist: DistributedConfig, micro_batch_size: int, hidden_size: int, gradient_clipping: float = 1.0):
-    """accelerate's DeepSpeed plugin for distributed.deepspeed (None without), its "auto" values filled for code that
-    drives accelerate itself (PPO's loop, the llm judge): accelerate fills them from a prepared dataloader and the
-    model's config, which these do not have. The bucket sizes are the ones transformers' Trainer picks."""
-    if not dist.deepspeed:
-        return None
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
-    ds = plugin.deepspeed_config
-    filled = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "train_batch_size": micro_batch_size * dist.world_size, "gradient_clipping": gradient_clipping}
-    zero = {"reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key, value in filled.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    for key, value in zero.items():
-        if ds.get("zero_optimization", {}).get(key) == "auto":
-            ds["zero_optimization"][key] = value
-    return plugin
 
 
 def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
@@ -157,21 +133,6 @@ def _context_from_dict(spec: dict, config: RunConfig) -> StageContext:
                         Path(spec["data_from"]) if spec["data_from"] else None, Path(spec["run_dir"]))
 
 
-@contextlib.contextmanager
-def main_process_first():
-    """In launched processes the main one runs the block first (writing a file they all read, say) and the others
-    wait for it, then run it; in a single process, just the block."""
-    import torch.distributed
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield
-
-
 def die_with_parent(sig: int) -> None:
     """Have the kernel send `sig` to this process when its parent dies (Linux; elsewhere a no-op). torchrun starts each
     process in a session of its own, so killing the runner's process group (preemption, the OOM killer) would leave
@@ -185,16 +146,6 @@ def die_with_parent(sig: int) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _start_process_group() -> None:
-    """Join the launched processes once, for every trainer in this process to use (the stages pass
-    accelerator_config.use_configured_state). On a machine without GPUs accelerate 1.15 picks no backend for DeepSpeed
-    and then counts a single process, so every rank would think it is rank 0 of 1; naming gloo there avoids that."""
-    import torch
-    from accelerate import PartialState
-
-    PartialState(backend=None if torch.cuda.is_available() else "gloo")
-
-
 def worker(spec_path: Path) -> int:
     """One launched process: run the stage; the main process writes its metrics for the runner."""
     from pipeline.config import load_config
@@ -204,7 +155,7 @@ def worker(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     config = load_config(spec["config"])
     ctx = _context_from_dict(spec, config)
-    _start_process_group()
+    start_process_group()
     if spec.get("entry"):  # a part of a stage the runner runs, and tracks, itself
         module, function = spec["entry"].split(":")
         run = getattr(importlib.import_module(module), function)

@@ -270,7 +270,7 @@ class Runner:
         write_manifest(stage_dir, manifest)
         tracking.configure(self.run_dir, decision.stage)
         ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from,
-                           decision.data_from, self.run_dir)
+                           decision.data_from, self.run_dir, launcher=launch.run_launched)
         launched = launch.launches(self.config, decision.stage)
         if not launched:  # a launched stage's main process opens the run (pipeline.launch.worker)
             ctx.tracker.start()  # before any trainer: their W&B callback logs into the run it finds open

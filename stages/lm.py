@@ -17,7 +17,7 @@ import torch
 from pipeline.config import suggest
 from pipeline.context import StageContext
 from pipeline.errors import ConfigError
-from pipeline.launch import main_process_first
+from pipeline.distributed import is_main_process, main_process_first
 from pipeline.log import log, warn
 from pipeline.models import PEFT_TYPES, load_causal_lm, load_tokenizer, peft_config_for
 from pipeline.render import show_sample
@@ -321,7 +321,7 @@ def save_trained(trainer, tokenizer, target: Path) -> None:
     """save_atomic for a trainer's model. Every process calls trainer.save_model: under ZeRO-3 it gathers the sharded
     weights (a collective all processes join), and the main process writes them."""
     staging = target.with_name(f".{target.name}.tmp")
-    main = trainer.is_world_process_zero()
+    main = is_main_process()
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
+from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, track, warn
 from pipeline.render import response_ids
@@ -153,7 +154,7 @@ def run(ctx: StageContext) -> dict:
         after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
         metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
                         "rm/eval_ece": after["ece"], "rm/eval_f1": after["f1"]})
-        if trainer.is_world_process_zero():
+        if is_main_process():
             write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
         ctx.tracker.log_table("rm/calibration", list(after["calibration"][0]),
                               [list(row.values()) for row in after["calibration"]], metrics["train/steps"])

@@ -112,11 +112,6 @@ class ActorCritic(nn.Module):
         return output.logits[:, :-1]
 
 
-def zero3_sharded(params) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds these parameters in slices across processes (its parameters carry ds_status)."""
-    return any(hasattr(p, "ds_status") for p in params)
-
-
 def actor_peft_config(config: RunConfig):
     """The actor's adapter config from `peft` (None: full fine-tuning); refuses what PPO cannot train."""
     from pipeline.models import peft_config_for

@@ -20,6 +20,7 @@ import torch
 
 from pipeline.artifacts import COMPLETE_MARKER
 from pipeline.context import ModelSource, StageContext
+from pipeline.distributed import gathered, is_main_process
 from pipeline.log import log, track
 from stages import lm
 from stages.ppo import losses
@@ -30,7 +31,6 @@ from stages.ppo.model import (
     register_checkpoint_hooks,
     save_critic,
     save_policy,
-    zero3_sharded,
 )
 from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
 
@@ -108,7 +108,7 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer, critic: ModelSource | No
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
         accelerator.load_state(str(ctx.resume_from))
-    if accelerator.is_main_process:
+    if is_main_process():
         for name in ("metrics.jsonl", "samples.jsonl"):
             _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
     return accelerator, module, optimizer, progress
@@ -163,7 +163,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
             "ppo/missing_eos_fraction": per_sample[:, 4].mean().item(),
             "ppo/tokens_per_s": per_sample[:, 3].sum().item() / (time.perf_counter() - started),
         }
-        if accelerator.is_main_process:
+        if is_main_process():
             _report(ctx, progress.step, last, batch, raw_scores, rewards.sum(1))
         # 8. Checkpoint: a complete one is the only kind a resume will ever pick.
         if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
@@ -172,7 +172,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
     if eval_prompts:
         metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
     with gathered(actor.trainable_parameters):
-        if accelerator.is_main_process:
+        if is_main_process():
             lm.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
             lm.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
     accelerator.wait_for_everyone()
@@ -218,12 +218,12 @@ def _checkpoint(accelerator, path: Path) -> None:
     """Save to a temporary name, rename, then write the COMPLETE marker: a kill at any point leaves either no
     checkpoint-N or a whole one."""
     staging = path.with_name(f".{path.name}.tmp")
-    if accelerator.is_main_process:
+    if is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if is_main_process():
         os.replace(staging, path)
         (path / COMPLETE_MARKER).write_text(f"{path.name}\n")
     accelerator.wait_for_everyone()
@@ -232,7 +232,7 @@ def _checkpoint(accelerator, path: Path) -> None:
 def _deepspeed(ctx: StageContext, module):
     """The DeepSpeed plugin for distributed.deepspeed: each mini-batch is one optimiser step, its gradients averaged
     over the processes; clipping is DeepSpeed's. None without DeepSpeed."""
-    from pipeline.launch import deepspeed_plugin
+    from pipeline.distributed import deepspeed_plugin
 
     cfg = ctx.config.ppo.trainer
     plugin = deepspeed_plugin(ctx.config.distributed, cfg.mini_batch_size, module.policy.config.hidden_size,
@@ -240,18 +240,6 @@ def _deepspeed(ctx: StageContext, module):
     if plugin is not None:
         plugin.deepspeed_config["zero_allow_untested_optimizer"] = True  # torch's AdamW over adapters and value head
     return plugin
-
-
-def gathered(params):
-    """Under ZeRO-3 each process holds a slice of every parameter: gather `params` whole (every process must enter)
-    for reading or saving them; otherwise nothing to do."""
-    import contextlib
-
-    if not zero3_sharded(params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _append(path: Path, record: dict) -> None:
