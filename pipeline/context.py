@@ -50,7 +50,7 @@ class StageContext:
     run_name: str
     resume_from: Path | None = None
     data_from: Path | None = None
-    """An earlier stage's final/ directory holding the data this stage trains on (see runner.DATA_FROM)."""
+    """An earlier stage's final/ directory holding the data this stage trains on (see pipeline.config.Stage.data_from)."""
     run_dir: Path | None = None
     launcher: Callable[..., dict] | None = None
     """How a stage runs a part of itself in the processes `accelerate launch` starts: launcher(ctx, entry=

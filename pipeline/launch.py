@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.config import DistributedConfig, RunConfig
+from pipeline.config import REGISTRY, DistributedConfig, RunConfig
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import PipelineError
 from pipeline.join import current_run_id
@@ -40,15 +40,11 @@ RESULT = "launch_result.json"
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
 
 
-# The stages that train in several processes when distributed launching is configured. preferences runs in the
-# runner's own process (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and
-# launches only its llm judge (stages/preferences.label_launched).
-LAUNCHED_STAGES = ("cpt", "sft", "rm", "dpo", "ppo")
-EVALUATED_STAGES = ("dpo", "ppo")  # compared with their starting policy afterwards (stages/evaluate.py)
-
-
 def launches(config: RunConfig, stage: str) -> bool:
-    return config.distributed.enabled and stage in LAUNCHED_STAGES
+    """Whether `stage` trains in launched processes (Stage.launched). preferences runs in the runner's own process
+    (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and launches only its llm
+    judge (stages/preferences.label_launched)."""
+    return config.distributed.enabled and REGISTRY[stage].launched
 
 
 def check_main_machine(config: RunConfig) -> None:
@@ -107,7 +103,7 @@ def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
             return {}  # machine 0 records the results
         raise PipelineError(f"{ctx.name}: the launched processes exited without writing {result}")
     metrics = json.loads(result.read_text(encoding="utf-8"))
-    if ctx.name in EVALUATED_STAGES and entry is None:
+    if REGISTRY[ctx.name].evaluated and entry is None:
         from stages.evaluate import compare_saved
 
         # Here, on the saved result: sampling from a model sharded over the processes is slow and hang-prone.

@@ -21,7 +21,7 @@ from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
 )
-from pipeline.config import POLICY_STAGES, STAGE_ORDER, RunConfig, evaluation_judges
+from pipeline.config import MODEL_JUDGES, REGISTRY, STAGE_ORDER, RunConfig, evaluation_judges
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
@@ -30,26 +30,13 @@ from pipeline.models import BUILTIN_MODELS, resolve_model_path
 from stages import STAGES
 
 
-# Judges whose `model` can be a stage of this run.
-MODEL_JUDGES = ("llm", "contrastive", "reward_model")
-
-# Where a stage's data comes from when its config names no file: the wiring between stages, in one visible place.
-DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
-
-
 def referenced_stages(config: RunConfig, name: str) -> list[str]:
     """Stages whose result `name` uses besides its starting model and data: the model of a judge, a reward or ppo's
-    critic. Their output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
-    models = []
-    if name == "preferences" and config.preferences.judge.type in MODEL_JUDGES:
-        models.append(config.preferences.judge.model)
-    if name == "ppo" and config.ppo.reward.type == "reward_model":
-        models.append(config.ppo.reward.model)
-    if name == "ppo" and config.ppo.reward.type == "judge" and config.ppo.reward.judge.type in MODEL_JUDGES:
-        models.append(config.ppo.reward.judge.model)
-    if name == "ppo" and config.ppo.critic:
-        models.append(config.ppo.critic)
-    if name in ("dpo", "ppo") and config.evaluation.prompts:
+    critic (Stage.uses), and the evaluation judges' after an evaluated stage. Their output hashes join its inputs, so
+    a retrained reward model re-runs the stages that score with it."""
+    stage = REGISTRY[name]
+    models = stage.uses(config)
+    if stage.evaluated and config.evaluation.prompts:
         models += [judge.model for judge in evaluation_judges(config) if judge.type in MODEL_JUDGES]
     return sorted({model for model in models if model in STAGE_ORDER and model != name})
 
@@ -62,7 +49,7 @@ class Decision:
     init: ModelSource | None = None
     resume_from: Path | None = None
     hashes: dict = field(default_factory=dict)
-    data_from: Path | None = None  # an earlier stage's output the stage trains on (DATA_FROM)
+    data_from: Path | None = None  # an earlier stage's output the stage trains on (Stage.data_from)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -103,8 +90,8 @@ class Runner:
         """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
         init = self.config.stage(name).init_from
         if init == "auto":
-            earlier = [s for s in POLICY_STAGES if s in STAGE_ORDER[: STAGE_ORDER.index(name)]
-                       and self.config.stage(s).enabled]
+            earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)]
+                       if REGISTRY[s].starts_later_stages and self.config.stage(s).enabled]
             if earlier:
                 init = earlier[-1]
                 if init not in will_run and not self._completed(init):
@@ -131,7 +118,7 @@ class Runner:
 
     def _data_source(self, name: str, will_run: set[str]) -> str | None:
         """The earlier stage whose output `name` trains on, when its config names no data file of its own."""
-        upstream = DATA_FROM.get(name)
+        upstream = REGISTRY[name].data_from
         if upstream is None or self.config.stage(name).data.train:
             return None
         if upstream not in will_run and not self._completed(upstream):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import POLICY_STAGES, RunConfig
+from pipeline.config import REGISTRY, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.log import console, log
 from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
@@ -42,7 +42,7 @@ def validate(config: RunConfig, names: list[str]) -> int:
     log(f"peft: {check_peft_targets(config)}")
     for name in names:
         stage = STAGES[name]
-        if name not in POLICY_STAGES:  # cpt and sft render samples; the others summarise their inputs
+        if not REGISTRY[name].starts_later_stages:  # the language-model stages render a sample; the others summarise
             log(f"[bold]{name}[/bold]: {stage.check(config)}")
             continue
         train, held_out = stage.load(config)

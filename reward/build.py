@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.artifacts import hash_config, hash_path
-from pipeline.config import JUDGE_KEYS, STAGE_ORDER, JudgeConfig, RunConfig
+from pipeline.config import JUDGE_KEYS, REGISTRY, JudgeConfig, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
 from pipeline.models import resolve_model_path
@@ -33,7 +33,7 @@ def rubric_text(judge: JudgeConfig) -> str | None:
 
 def model_source(spec: str, config: RunConfig, run_dir: Path) -> ModelSource:
     """A judge's model: a stage of this run (e.g. rm), a built-in name, a model directory or an adapter directory."""
-    if spec in STAGE_ORDER:
+    if spec in REGISTRY:
         stage_dir = run_dir / spec
         manifest_path = stage_dir / "stage.json"
         if not manifest_path.exists() or json.loads(manifest_path.read_text()).get("status") != "completed":

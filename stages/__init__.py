@@ -1,4 +1,5 @@
-"""The stages, in pipeline order. Each module has the same shape:
+"""The stages' work, one module each, named and ordered as pipeline.config.REGISTRY describes them. Each module has
+the same shape:
 
     check(config) -> str              validate its data and options without compute; a one-line summary
     data_files(config) -> {key: path} the files it reads, hashed to decide whether it must run again
@@ -8,6 +9,8 @@
 cpt and sft also expose load/tokenize, which `validate` uses to show a rendered sample.
 """
 
-from stages import cpt, dpo, ppo, preferences, rm, sft
+from importlib import import_module
 
-STAGES = {"cpt": cpt, "sft": sft, "preferences": preferences, "rm": rm, "dpo": dpo, "ppo": ppo}
+from pipeline.config import REGISTRY
+
+STAGES = {name: import_module(f"stages.{name}") for name in REGISTRY}

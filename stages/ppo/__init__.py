@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.config import REGISTRY, RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
@@ -71,7 +71,7 @@ def check(config: RunConfig) -> str:
             from reward.build import build_judge
 
             build_judge(reward.judge, config, Path("."))  # fails now if the key's variable is unset
-    elif reward.model in STAGE_ORDER and reward.model != "rm":
+    elif reward.model in REGISTRY and REGISTRY[reward.model].output != "reward_model":
         raise ConfigError(f"ppo.reward.model '{reward.model}': of this run's stages only rm makes a reward model")
     elif reward.model != "rm" and not any((Path(reward.model) / name).exists()
                                           for name in ("config.json", "adapter_config.json")):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.config import REGISTRY, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError, PipelineError
 
@@ -141,8 +141,8 @@ def check_critic(config: RunConfig) -> None:
     spec = config.ppo.critic
     if spec is None:
         return
-    if spec in STAGE_ORDER:
-        if spec in ("preferences", "ppo"):
+    if spec in REGISTRY:
+        if REGISTRY[spec].output == "pairs" or spec == "ppo":  # data, or the critic's own stage
             raise ConfigError(f"ppo.critic '{spec}': that stage makes no model to start a critic from; name cpt, sft, "
                               "rm or dpo, a built-in model, or a model directory")
         return
@@ -157,7 +157,7 @@ def critic_source(config: RunConfig, run_dir: Path | None, base_dir: Path | None
     spec = config.ppo.critic
     if spec is None:
         return ModelSource(base_dir, None, "a copy of the starting policy") if config.peft.method == "full" else None
-    if spec in STAGE_ORDER:
+    if spec in REGISTRY:
         source = ModelSource.of_stage(run_dir / spec)
         return ModelSource(source.base, source.adapter, f"the {spec} stage's result")
     path = Path(spec).expanduser()
