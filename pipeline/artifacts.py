@@ -52,6 +52,18 @@ def write_manifest(stage_dir: Path, manifest: dict) -> None:
     write_json_atomic(stage_dir / "stage.json", manifest)
 
 
+def record_progress(stage_dir: Path, metrics: dict) -> None:
+    """Add metrics a running stage measured on the way to its manifest (the runner writes everything else)."""
+    manifest = read_manifest(stage_dir) or {}
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    write_manifest(stage_dir, manifest)
+
+
+def completed(manifest: dict | None) -> bool:
+    """Whether the stage a manifest belongs to has completed: the one test of it."""
+    return bool(manifest) and manifest.get("status") == "completed"
+
+
 def hash_config(section: dict) -> str:
     return hashlib.sha256(json.dumps(section, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from pipeline.artifacts import read_manifest, write_manifest
+from pipeline.artifacts import read_manifest, record_progress
 from pipeline.config import RunConfig, StageConfig
 from pipeline.distributed import is_main_process
 
@@ -42,6 +42,15 @@ class ModelSource:
 
 
 @dataclass
+class StageResult:
+    """What a stage's run returns; the runner alone writes it into stage.json."""
+
+    metrics: dict
+    manifest: dict = field(default_factory=dict)
+    """Fields for stage.json besides the metrics: base_model, the weights an adapter in final/ applies to."""
+
+
+@dataclass
 class StageContext:
     name: str
     config: RunConfig
@@ -68,15 +77,11 @@ class StageContext:
     def final_dir(self) -> Path:
         return self.stage_dir / "final"
 
-    def record(self, metrics: dict | None = None, **fields) -> None:
-        """Store metrics and manifest fields right away, so they survive a crash before the stage completes. In a
-        launched stage only the main process writes."""
-        if not is_main_process():
-            return
-        manifest = read_manifest(self.stage_dir) or {}
-        manifest["metrics"] = {**manifest.get("metrics", {}), **(metrics or {})}
-        manifest.update(fields)
-        write_manifest(self.stage_dir, manifest)
+    def record(self, metrics: dict) -> None:
+        """Keep metrics measured on the way (a baseline before training) through a crash: a resumed stage does not
+        measure them again, and the runner adds them to the result. In a launched stage the main process keeps them."""
+        if is_main_process():
+            record_progress(self.stage_dir, metrics)
 
     @cached_property
     def tracker(self):

@@ -7,7 +7,7 @@ several processes (distributed.num_processes, num_machines, deepspeed) it writes
     accelerate launch --num_processes ... [--use_deepspeed --deepspeed_config_file ...] -m pipeline.launch launch.json
 
 Every process runs the same stage code; the trainers (and our PPO, through accelerate) split the batches, and only
-the main process writes files. The main process leaves the stage's metrics in <stage>/launch_result.json for the
+the main process writes files. The main process leaves the stage's result in <stage>/launch_result.json for the
 runner to record. On a multi-machine run the runner runs on machine 0, and for every stage it launches the other
 machines run the `accelerate launch ... --machine_rank <rank> -m pipeline.launch <stage>/launch.json` command it
 prints, or `python -m pipeline join` does it for them (pipeline/join.py; the run directory on a filesystem they all
@@ -17,6 +17,7 @@ share: DeepSpeed writes each process's checkpoint shard itself).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 import importlib
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import REGISTRY, DistributedConfig, RunConfig
-from pipeline.context import ModelSource, StageContext
+from pipeline.context import ModelSource, StageContext, StageResult
 from pipeline.errors import PipelineError
 from pipeline.join import current_run_id
 from pipeline.distributed import is_main_process, start_process_group
@@ -75,9 +76,9 @@ def accelerate_command(dist: DistributedConfig, spec: Path) -> list[str]:
     return [*command, "-m", "pipeline.launch", str(spec)]
 
 
-def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
+def run_launched(ctx: StageContext, entry: str | None = None) -> StageResult | None:
     """Run ctx's stage (or `entry`, "module:function" taking the context) under accelerate launch and return the
-    metrics its main process reported."""
+    result its main process reported (None for an entry, which keeps what it makes in files)."""
     dist = ctx.config.distributed
     spec, result = ctx.stage_dir / SPEC, ctx.stage_dir / RESULT
     result.unlink(missing_ok=True)
@@ -100,15 +101,10 @@ def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
                             f"is above. Run the same command again to resume from the newest complete checkpoint")
     if not result.exists():
         if dist.machine_rank != 0:
-            return {}  # machine 0 records the results
+            return None  # machine 0 records the results
         raise PipelineError(f"{ctx.name}: the launched processes exited without writing {result}")
-    metrics = json.loads(result.read_text(encoding="utf-8"))
-    if REGISTRY[ctx.name].evaluated and entry is None:
-        from stages.evaluate import compare_saved
-
-        # Here, on the saved result: sampling from a model sharded over the processes is slow and hang-prone.
-        metrics.update(compare_saved(ctx))
-    return metrics
+    reported = json.loads(result.read_text(encoding="utf-8"))
+    return StageResult(**reported) if reported else None
 
 
 def _context_to_dict(ctx: StageContext) -> dict:
@@ -159,14 +155,14 @@ def worker(spec_path: Path) -> int:
         run = STAGES[ctx.name].run
         ctx.tracker.start()  # the stage's W&B run, on the main process, before its trainer looks for one
     try:
-        metrics = run(ctx)
+        result = run(ctx)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         ctx.tracker.finish()  # the runner reopens it for the results it adds (evaluation on the saved model)
     if is_main_process():
-        write_json_atomic(ctx.stage_dir / RESULT, metrics)
+        write_json_atomic(ctx.stage_dir / RESULT, dataclasses.asdict(result) if result else {})
     return 0
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from pipeline import join, launch, report, tracking
 from pipeline.artifacts import (
-    archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
+    archive_stage_dir, complete_checkpoints, completed, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
 )
 from pipeline.config import MODEL_JUDGES, REGISTRY, STAGE_ORDER, RunConfig, evaluation_judges
@@ -127,8 +127,7 @@ class Runner:
         return upstream
 
     def _completed(self, name: str) -> bool:
-        manifest = read_manifest(self.run_dir / name)
-        return bool(manifest and manifest.get("status") == "completed")
+        return completed(read_manifest(self.run_dir / name))
 
     def _hashes(self, name: str, init: ModelSource | None, upstream: str | None, data_upstream: str | None) -> dict:
         config = self.config
@@ -180,7 +179,7 @@ class Runner:
         changed = [k for k in sorted(set(hashes) | set(manifest.get("hashes", {})))
                    if hashes.get(k) != manifest.get("hashes", {}).get(k)]
         status = manifest.get("status")
-        if status == "completed":
+        if completed(manifest):
             if not changed and (stage_dir / "final").exists():
                 return Decision(name, "skip", "completed with the same config and inputs", init, None, hashes,
                                 data_from)
@@ -261,9 +260,11 @@ class Runner:
         launched = launch.launches(self.config, decision.stage)
         if not launched:  # a launched stage's main process opens the run (pipeline.launch.worker)
             ctx.tracker.start()  # before any trainer: their W&B callback logs into the run it finds open
-        run = launch.run_launched if launched else STAGES[decision.stage].run
+        module = STAGES[decision.stage]
         try:
-            metrics = run(ctx)
+            result = launch.run_launched(ctx) if launched else module.run(ctx)
+            if hasattr(module, "evaluate_saved"):  # on the saved result, here, whether or not it trained launched
+                result.metrics.update(module.evaluate_saved(ctx, result))
         except BaseException as exc:
             ctx.tracker.finish()
             manifest = read_manifest(stage_dir)
@@ -273,13 +274,15 @@ class Runner:
             write_manifest(stage_dir, manifest)
             raise
         manifest = read_manifest(stage_dir)
-        metrics = {**manifest.get("metrics", {}), **metrics}  # with what the stage recorded on the way (baselines)
+        # With what the stage recorded on the way (baselines measured before training, kept through a resume).
+        metrics = {**manifest.get("metrics", {}), **result.metrics}
         ctx.tracker.log(metrics, step=metrics.get("train/steps", 0))  # the stage's results beside its curves
         ctx.tracker.finish()
         finished = time.time()
         manifest.update(
-            status="completed", finished_at=finished, duration_s=round(finished - manifest["started_at"], 1),
-            metrics=metrics, output_hash=hash_path(stage_dir / "final"), error=None,
+            **result.manifest, status="completed", finished_at=finished,
+            duration_s=round(finished - manifest["started_at"], 1), metrics=metrics,
+            output_hash=hash_path(stage_dir / "final"), error=None,
         )
         write_manifest(stage_dir, manifest)
 

@@ -9,7 +9,7 @@ from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
 from pipeline.render import show_sample
 from pipeline.runner import preflight
 from stages import STAGES
-from stages.lm import max_length
+from stages.hf_trainer import max_length
 
 
 def check_peft_targets(config: RunConfig) -> str:
@@ -46,7 +46,7 @@ def validate(config: RunConfig, names: list[str]) -> int:
             log(f"[bold]{name}[/bold]: {stage.check(config)}")
             continue
         train, held_out = stage.load(config)
-        limit = max_length(config.stage(name).trainer)
+        limit = max_length(name, config.stage(name).trainer)
         train_tok, eval_tok = stage.tokenize(config, tokenizer, train, held_out, limit)
         dropped = train_tok.dropped_too_long + eval_tok.dropped_too_long
         log(f"[bold]{name}[/bold]: {len(train)} train / {len(held_out)} eval records -> "

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from pipeline.artifacts import hash_config, hash_path
+from pipeline.artifacts import completed, hash_config, hash_path, read_manifest
 from pipeline.config import JUDGE_KEYS, REGISTRY, JudgeConfig, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
@@ -35,8 +35,7 @@ def model_source(spec: str, config: RunConfig, run_dir: Path) -> ModelSource:
     """A judge's model: a stage of this run (e.g. rm), a built-in name, a model directory or an adapter directory."""
     if spec in REGISTRY:
         stage_dir = run_dir / spec
-        manifest_path = stage_dir / "stage.json"
-        if not manifest_path.exists() or json.loads(manifest_path.read_text()).get("status") != "completed":
+        if not completed(read_manifest(stage_dir)):
             raise ConfigError(f"the judge's model is the {spec} stage, which has not completed in {run_dir}")
         return ModelSource.of_stage(stage_dir)
     path = resolve_model_path(spec)

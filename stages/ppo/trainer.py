@@ -22,10 +22,9 @@ from pipeline.artifacts import COMPLETE_MARKER
 from pipeline.context import ModelSource, StageContext
 from pipeline.distributed import gathered, is_main_process
 from pipeline.log import log, track
-from stages import lm
+from stages import hf_trainer
 from stages.ppo import losses
 from stages.ppo.model import (
-    ACTOR,
     ActorCritic,
     build,
     register_checkpoint_hooks,
@@ -122,7 +121,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
     actor = accelerator.unwrap_model(module)  # sampling and saving use the plain module
     metrics = {}
     if ctx.resume_from is None and eval_prompts:
-        ctx.record({"eval/score_mean_before": evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
+        ctx.record({"eval/score_mean_before": mean_score(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
     log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
         f"reference = {ctx.init.description}; critic = {critic.description if critic else 'an adapter on it'}")
     generator = torch.Generator()
@@ -170,17 +169,12 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
             _checkpoint(accelerator, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
 
     if eval_prompts:
-        metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
+        metrics["eval/score_mean"] = mean_score(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
     with gathered(actor.trainable_parameters):
         if is_main_process():
-            lm.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
-            lm.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
+            hf_trainer.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
+            hf_trainer.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
     accelerator.wait_for_everyone()
-    if config.evaluation.prompts and not config.distributed.enabled:  # launched: the runner evaluates
-        from stages.evaluate import compare_with_start
-
-        actor.use(ACTOR)  # the policy; with the adapters off (or as the frozen reference), the starting policy
-        metrics.update(compare_with_start(ctx, actor.policy, tokenizer, actor.reference))
     accelerator.end_training()
     return {**metrics, **{k: last[k] for k in ("ppo/reward_mean", "ppo/score_mean", "ppo/kl") if k in last},
             "train/steps": progress.step}
@@ -205,7 +199,7 @@ def _report(ctx: StageContext, step: int, metrics: dict, batch: Rollout, raw_sco
 
 
 @torch.no_grad()
-def evaluate(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
+def mean_score(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
     """Mean score of responses sampled (with a fixed seed, as in training) for the held-out prompts."""
     total = 0.0
     for first in track(range(0, len(prompts), cfg.rollout_batch_size), "scoring held-out prompts"):

@@ -11,7 +11,7 @@ from pipeline.config import PEFT_METHODS, RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import peft_config_for
 from pipeline.runner import preflight, selected_stages
-from stages.lm import MANAGED_KEYS, trainer_args
+from stages.hf_trainer import MANAGED_KEYS, trainer_args
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
