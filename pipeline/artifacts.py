@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.lock import RunLock
+
 COMPLETE_MARKER = "COMPLETE"
 STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 
@@ -112,3 +114,15 @@ def archive_stage_dir(stage_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(stage_dir), target)
     return target
+
+
+def stage_status(run_dir: Path, name: str) -> dict:
+    """A stage's manifest as `status` reports it: a 'running' stage whose run holds no lock was interrupted."""
+    manifest = read_manifest(run_dir / name)
+    if manifest is None:
+        return {"status": "pending"}
+    if manifest["status"] == "running" and not RunLock.is_held(run_dir):
+        manifest["status"] = "interrupted"
+    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
+    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
+    return manifest

@@ -94,7 +94,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.runner import stage_status
+    from pipeline.artifacts import stage_status
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -11,14 +11,16 @@ the main process writes files. The main process leaves the stage's result in <st
 runner to record. On a multi-machine run the runner runs on machine 0, and for every stage it launches the other
 machines run the `accelerate launch ... --machine_rank <rank> -m pipeline.launch <stage>/launch.json` command it
 prints, or `python -m pipeline join` does it for them (pipeline/join.py; the run directory on a filesystem they all
-share: DeepSpeed writes each process's checkpoint shard itself).
+share: DeepSpeed writes each process's checkpoint shard itself); <run-dir>/join.json, kept here, tells them which run
+is in progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 import importlib
 import json
 import os
@@ -28,17 +30,17 @@ import sys
 import uuid
 from pathlib import Path
 
-from pipeline.artifacts import write_json_atomic
+from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import REGISTRY, DistributedConfig, RunConfig
 from pipeline.context import ModelSource, StageContext, StageResult
-from pipeline.errors import PipelineError
-from pipeline.join import current_run_id
 from pipeline.distributed import is_main_process, start_process_group
+from pipeline.errors import PipelineError
 from pipeline.log import log
 
 SPEC = "launch.json"
 RESULT = "launch_result.json"
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
+STATE = "join.json"  # in the run directory: the run in progress, for the machines that join it (pipeline/join.py)
 
 
 def launches(config: RunConfig, stage: str) -> bool:
@@ -46,6 +48,28 @@ def launches(config: RunConfig, stage: str) -> bool:
     (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and launches only its llm
     judge (stages/preferences.label_launched)."""
     return config.distributed.enabled and REGISTRY[stage].launched
+
+
+@contextlib.contextmanager
+def announced(run_dir: Path, config: RunConfig):
+    """Around a runner's run: tell joining machines a run is in progress, then how it ended."""
+    if config.distributed.num_machines <= 1:
+        yield
+        return
+    run_id = uuid.uuid4().hex[:12]
+    write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": False})
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": True, "ok": ok})
+
+
+def current_run_id(run_dir: Path) -> str | None:
+    """The id launch.json files of this run carry, so a follower never joins a launch left by an earlier run."""
+    state = read_json(run_dir / STATE)
+    return state["run_id"] if state else None
 
 
 def check_main_machine(config: RunConfig) -> None:

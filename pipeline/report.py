@@ -80,7 +80,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_stages(run_dir: Path) -> list[Stage]:
-    from pipeline.runner import stage_status
+    from pipeline.artifacts import stage_status
 
     stages = []
     for name in STAGE_ORDER:

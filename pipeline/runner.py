@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import join, launch, report, tracking
+from pipeline import launch, report, tracking
 from pipeline.artifacts import (
     archive_stage_dir, complete_checkpoints, completed, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
@@ -224,7 +224,7 @@ class Runner:
         launch.check_main_machine(self.config)
         preflight(self.config, names)
         summary = []
-        with RunLock(self.run_dir), join.announced(self.run_dir, self.config):
+        with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             for name in names:
                 decision = self.decide(name, set())
@@ -285,18 +285,6 @@ class Runner:
             output_hash=hash_path(stage_dir / "final"), error=None,
         )
         write_manifest(stage_dir, manifest)
-
-
-def stage_status(run_dir: Path, name: str) -> dict:
-    """A stage's manifest as `status` reports it: a 'running' stage whose run holds no lock was interrupted."""
-    manifest = read_manifest(run_dir / name)
-    if manifest is None:
-        return {"status": "pending"}
-    if manifest["status"] == "running" and not RunLock.is_held(run_dir):
-        manifest["status"] = "interrupted"
-    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
-    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
-    return manifest
 
 
 def _asdict(obj) -> dict:
