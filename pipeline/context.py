@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from pipeline.artifacts import read_manifest, record_progress
-from pipeline.config import RunConfig, StageConfig
+from pipeline.artifacts import completed, read_manifest, record_progress
+from pipeline.config import REGISTRY, RunConfig, StageConfig
 from pipeline.distributed import is_main_process
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -35,6 +36,22 @@ class ModelSource:
             manifest = read_manifest(stage_dir) or {}
             return cls(Path(manifest["base_model"]), final, f"{stage_dir.name}'s final adapter")
         return cls(final, None, f"{stage_dir.name}'s final model")
+
+    @classmethod
+    def named(cls, spec: str, run_dir: Path | None) -> ModelSource:
+        """The model a config names by `spec` (a judge's, the reward's, a critic's): a completed stage of this run, a
+        built-in name, a model directory or an adapter directory (on the base its adapter_config.json names)."""
+        from pipeline.models import resolve_model_path
+
+        if spec in REGISTRY:
+            if run_dir is None or not completed(read_manifest(run_dir / spec)):
+                raise ConfigError(f"the model named '{spec}' is the {spec} stage, which has not completed in {run_dir}")
+            return cls.of_stage(run_dir / spec)
+        path = Path(spec).expanduser()
+        if (path / "adapter_config.json").exists():
+            base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return cls(resolve_model_path(base), path, f"the adapter {path}")
+        return cls(resolve_model_path(spec), None, f"the model {spec}")
 
     def to_dict(self) -> dict:
         return {"base": str(self.base), "adapter": str(self.adapter) if self.adapter else None,

@@ -38,7 +38,7 @@ def data_files(config: RunConfig) -> dict:
 
 
 def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
-    return preference_data.load_pairs(config, NAME, data_from)
+    return preference_data.load_rows(config, NAME, data_from)
 
 
 def check(config: RunConfig) -> str:

@@ -97,13 +97,13 @@ def reward_function(ctx: StageContext, prompt_tokens: int, prompts: list[list[di
         rule = load_callable(reward.function)
         return lambda prompts, responses: [float(rule(p, r)) for p, r in zip(prompts, responses)]
     from pipeline.artifacts import completed, read_manifest
-    from reward.build import model_source
+    from pipeline.context import ModelSource
     from reward.rm_judge import RewardModelJudge
 
     if reward.model == "rm" and not completed(read_manifest(ctx.run_dir / "rm")):
         raise PipelineError(f"ppo.reward.model is rm, but the rm stage has not completed in {ctx.run_dir}: run it "
                             "first (--stage rm), or point ppo.reward.model at a reward model directory")
-    source = model_source(reward.model, ctx.config, ctx.run_dir)
+    source = ModelSource.named(reward.model, ctx.run_dir)
     log(f"{NAME}: rewards from {source.description}")
     cfg = ctx.config.ppo.trainer
     # The template's closing tokens are a handful; 64 leaves room for any chat template's.
