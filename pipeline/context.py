@@ -1,4 +1,5 @@
-"""What the runner hands a stage: its config, its directory, where its model comes from, and where to resume."""
+"""What the runner hands a stage (its config, its directory, where its model comes from, where to resume) and what the
+stage hands back (its result)."""
 
 from __future__ import annotations
 

@@ -163,7 +163,7 @@ def die_with_parent(sig: int) -> None:
 
 
 def worker(spec_path: Path) -> int:
-    """One launched process: run the stage; the main process writes its metrics for the runner."""
+    """One launched process: run the stage; the main process writes its result for the runner."""
     from pipeline.config import load_config
     from stages import STAGES
 

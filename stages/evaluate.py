@@ -196,8 +196,11 @@ def compare_saved(ctx: StageContext, base_model: Path) -> dict:
 
 def _saved_policy(ctx: StageContext, base_model: Path):
     """(model, tokenizer) of a stage's final/: an adapter on `base_model`, or a whole model."""
+    import gc
+
     from pipeline.models import load_policy, load_tokenizer
 
+    gc.collect()  # the trainer that just returned holds its model in reference cycles: free it before loading more
     tokenizer = load_tokenizer(ctx.config.model, ctx.final_dir)
     if (ctx.final_dir / "adapter_config.json").exists():
         return load_policy(base_model, ctx.final_dir, ctx.config.model, tokenizer), tokenizer
