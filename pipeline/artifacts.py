@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.lock import RunLock
+
 COMPLETE_MARKER = "COMPLETE"
 STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 
@@ -50,6 +52,18 @@ def read_manifest(stage_dir: Path) -> dict | None:
 def write_manifest(stage_dir: Path, manifest: dict) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(stage_dir / "stage.json", manifest)
+
+
+def record_progress(stage_dir: Path, metrics: dict) -> None:
+    """Add metrics a running stage measured on the way to its manifest (the runner writes everything else)."""
+    manifest = read_manifest(stage_dir) or {}
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    write_manifest(stage_dir, manifest)
+
+
+def completed(manifest: dict | None) -> bool:
+    """Whether the stage a manifest belongs to has completed: the one test of it."""
+    return bool(manifest) and manifest.get("status") == "completed"
 
 
 def hash_config(section: dict) -> str:
@@ -100,3 +114,15 @@ def archive_stage_dir(stage_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(stage_dir), target)
     return target
+
+
+def stage_status(run_dir: Path, name: str) -> dict:
+    """A stage's manifest as `status` reports it: a 'running' stage whose run holds no lock was interrupted."""
+    manifest = read_manifest(run_dir / name)
+    if manifest is None:
+        return {"status": "pending"}
+    if manifest["status"] == "running" and not RunLock.is_held(run_dir):
+        manifest["status"] = "interrupted"
+    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
+    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
+    return manifest

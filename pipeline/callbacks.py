@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from pipeline.artifacts import COMPLETE_MARKER
+from pipeline.distributed import is_main_process
 
 
 class CheckpointMarker(TrainerCallback):
@@ -17,7 +18,7 @@ class CheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if args.world_size > 1:
             args.distributed_state.wait_for_everyone()
-        if state.is_world_process_zero:
+        if is_main_process():
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir():
                 (path / COMPLETE_MARKER).write_text(f"step {state.global_step}\n")
@@ -30,6 +31,6 @@ class MetricsFile(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
+        if is_main_process() and logs:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")

@@ -16,6 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rich.markup import escape  # noqa: E402
 
+from pipeline.artifacts import completed  # noqa: E402
 from pipeline.config import STAGE_ORDER, load_config  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.log import console, out  # noqa: E402
@@ -82,7 +83,7 @@ def _setup(args):
 def cmd_run(args) -> int:
     runner, names = _setup(args)
     manifests = runner.run(names)
-    return 0 if all(m and m.get("status") == "completed" for m in manifests) else 1
+    return 0 if all(completed(m) for m in manifests) else 1
 
 
 def cmd_plan(args) -> int:
@@ -93,7 +94,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline.runner import stage_status
+    from pipeline.artifacts import stage_status
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

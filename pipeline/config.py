@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,6 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-STAGE_ORDER = ("cpt", "sft", "preferences", "rm", "dpo", "ppo")
-POLICY_STAGES = ("cpt", "sft")  # stages whose result is a policy; `init_from: auto` starts from the latest of these
 JUDGE_TYPES = ("human", "human_file", "llm", "contrastive", "api", "rule", "reward_model")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 PEFT_METHODS = ("lora", "prefix", "prompt", "p_tuning", "ia3", "full")
@@ -184,6 +184,8 @@ JUDGE_KEYS = {
 POINTWISE_REWARD_JUDGES = ("contrastive", "reward_model", "rule")
 PAIRWISE_REWARD_JUDGES = ("llm", "contrastive", "api", "reward_model", "rule")
 REWARD_TYPES = ("reward_model", "rule", "judge")
+# Judges whose `model` can be a stage of this run.
+MODEL_JUDGES = ("llm", "contrastive", "reward_model")
 JUDGE_REQUIRED = {"human_file": ("path",), "rule": ("function",), "api": ("model", "base_url"),
                   "reward_model": ("model",)}
 
@@ -349,6 +351,64 @@ class RunConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage as the runner, the config, validate and the launcher see it. Its work is the module stages/<name>.py
+    (check, data_files, uses_model, run); its config section is the RunConfig field of the same name."""
+
+    name: str
+    section: type
+    """Its config section's class."""
+    trainer: str | None
+    """'module:Class' of the config its `trainer:` keys build (TRL's config for the stages TRL trains), or None."""
+    output: str
+    """What final/ holds: policy, reward_model or pairs (preference data)."""
+    starts_later_stages: bool = False
+    """`init_from: auto` starts every later stage from the latest enabled stage that has this (cpt, sft)."""
+    data_from: str | None = None
+    """The stage whose output it trains on when its config names no data file of its own."""
+    launched: bool = False
+    """It trains in the processes `accelerate launch` starts when `distributed:` asks for several, or DeepSpeed."""
+    evaluated: bool = False
+    """Its result is compared with the policy it started from (evaluation:), by the runner once it has saved it."""
+    uses: Callable[[RunConfig], list[str]] = lambda config: []
+    """The models it uses besides its starting one (a judge's, its reward's, its critic's): stage names or paths.
+    Those that are stages of this run join its inputs, so a retrained reward model re-runs what scores with it."""
+
+    def trainer_config(self) -> type:
+        module, name = self.trainer.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _preferences_uses(config: RunConfig) -> list[str]:
+    judge = config.preferences.judge
+    return [judge.model] if judge.type in MODEL_JUDGES else []
+
+
+def _ppo_uses(config: RunConfig) -> list[str]:
+    reward, models = config.ppo.reward, []
+    if reward.type == "reward_model":
+        models.append(reward.model)
+    if reward.type == "judge" and reward.judge.type in MODEL_JUDGES:
+        models.append(reward.judge.model)
+    if config.ppo.critic:
+        models.append(config.ppo.critic)
+    return models
+
+
+# Every stage, in pipeline order: the one place a stage is described.
+REGISTRY = {stage.name: stage for stage in (
+    Stage("cpt", StageConfig, "trl:SFTConfig", "policy", starts_later_stages=True, launched=True),
+    Stage("sft", StageConfig, "trl:SFTConfig", "policy", starts_later_stages=True, launched=True),
+    Stage("preferences", PreferencesConfig, None, "pairs", uses=_preferences_uses),
+    Stage("rm", StageConfig, "trl:RewardConfig", "reward_model", data_from="preferences", launched=True),
+    Stage("dpo", StageConfig, "trl:DPOConfig", "policy", data_from="preferences", launched=True, evaluated=True),
+    Stage("ppo", PPOConfig, "pipeline.config:PPOTrainerConfig", "policy", launched=True, evaluated=True,
+          uses=_ppo_uses),
+)}
+STAGE_ORDER = tuple(REGISTRY)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-4` (no dot) as a string; learning rates are written that way, so read it as a float."""
 
@@ -415,7 +475,7 @@ def _build(cls, raw: Any, prefix: str, source: str, defaults: Any = None):
             values[key] = _build(hint, value, f"{prefix}{key}.", source, nested_defaults)
         else:
             values[key] = _check_type(value, hint, f"{prefix}{key}", source)
-    if cls in (StageConfig, PreferencesConfig, PPOConfig) and "enabled" not in raw:
+    if any(cls is stage.section for stage in REGISTRY.values()) and "enabled" not in raw:
         values["enabled"] = True  # writing a stage section into the config is how a user turns it on
     return cls(**values) if defaults is None else dataclasses.replace(defaults, **values)
 
@@ -445,9 +505,9 @@ def _check_values(config: RunConfig) -> None:
     for target in config.tracking.report_to:
         if target not in ("wandb", "tensorboard"):
             raise ConfigError(f"{config.source}: tracking.report_to: '{target}' is not wandb or tensorboard")
-    for name in ("cpt", "sft", "rm", "dpo"):
+    for name in (name for name, spec in REGISTRY.items() if spec.section is StageConfig):
         stage = config.stage(name)
-        if stage.enabled and name in POLICY_STAGES and not stage.data.train:
+        if stage.enabled and REGISTRY[name].data_from is None and not stage.data.train:
             raise ConfigError(f"{config.source}: {name}.data.train is required when the {name} stage is enabled")
         for key in stage.data.delimiters:
             if key not in ("start", "sep", "eos"):

@@ -368,19 +368,29 @@ def _from_delimited(sample: str, rec: _Record, field: str | None, d: Delimiters)
     return _validate_conversation(turns, rec, field)
 
 
-def detect_format(record: dict) -> str:
-    """The conversation format a record's (canonical) field names point to."""
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    # "instruction" alone suffices so a record missing "output" gets a missing-field error.
-    if "instruction" in record:
-        return "alpaca"
-    if "text" in record:
-        return "delimited"
-    raise ValueError(f"cannot detect the format from fields {sorted(record)}; expected 'messages' (messages), "
-                     "'conversations' (sharegpt), 'instruction' and 'output' (alpaca) or 'text' (delimited)")
+# How `format: auto` recognises a conversation format: (format, the field that tells it, how an error names it), in
+# order of precedence. "instruction" alone suffices so a record missing "output" gets a missing-field error.
+CONVERSATION_SIGNS = (("messages", "messages", "'messages'"), ("sharegpt", "conversations", "'conversations'"),
+                      ("alpaca", "instruction", "'instruction' and 'output'"), ("delimited", "text", "'text'"))
+
+
+def detect_format(record: dict, signs=CONVERSATION_SIGNS, kind: str = "") -> str:
+    """The format a record's (canonical) field names point to: the first of `signs` whose field it has."""
+    for format, field, _ in signs:
+        if field in record:
+            return format
+    expected = [f"{described} ({format})" for format, _, described in signs]
+    raise ValueError(f"cannot detect the {kind}format from fields {sorted(record)}; expected "
+                     f"{', '.join(expected[:-1])} or {expected[-1]}")
+
+
+def detect_in_file(path, line: int, record: dict, signs=CONVERSATION_SIGNS, kind: str = "") -> str:
+    """detect_format for `format: auto`, which the first record of a file decides (later ones must match it); an
+    undetectable record is a DataError naming the file and line."""
+    try:
+        return detect_format(record, signs, kind)
+    except ValueError as e:
+        raise DataError(path, line, None, f"{e}; or set the format explicitly") from None
 
 
 def _check_format(format: str) -> None:
@@ -391,13 +401,6 @@ def _check_format(format: str) -> None:
         raise ConfigError(f"unknown data format {format!r}; valid formats: {', '.join(_CHAT_FORMATS)}")
 
 
-def _detect(path, line: int, data: dict, columns: Mapping[str, str]) -> str:
-    # Detect on canonical names so a renamed file is recognised too.
-    canonical = {file_name: name for name, file_name in columns.items()}
-    try:
-        return detect_format({canonical.get(key, key): value for key, value in data.items()})
-    except ValueError as e:
-        raise DataError(path, line, None, f"{e}; or set the format explicitly") from None
 
 
 def load_conversations(path, format: str = "auto", columns: dict[str, str] | None = None,
@@ -422,8 +425,10 @@ def load_conversations(path, format: str = "auto", columns: dict[str, str] | Non
     }
     conversations = []
     for line, data in read_records(path):
-        if format == "auto":  # decided by the first record; later ones must match it
-            format = _detect(path, line, data, columns)
+        if format == "auto":
+            # Detected on canonical names, so a file with renamed columns is recognised too.
+            canonical = {file_name: name for name, file_name in columns.items()}
+            format = detect_in_file(path, line, {canonical.get(key, key): value for key, value in data.items()})
             _check_columns(columns, format)
         conversations.append(converters[format](_Record(data, str(path), line, columns)))
     return conversations

@@ -14,48 +14,22 @@ and follows the new run, so it can be left running for the whole job.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
-from pipeline.artifacts import read_json, read_manifest, write_json_atomic
-from pipeline.config import RunConfig, load_config
+from pipeline.artifacts import read_json, read_manifest
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.launch import STATE, accelerate_command
 from pipeline.log import log
 
-STATE = "join.json"
 POLL_S = 0.5
-
-
-@contextlib.contextmanager
-def announced(run_dir: Path, config: RunConfig):
-    """Around a runner's run: tell joining machines a run is in progress, then how it ended."""
-    if config.distributed.num_machines <= 1:
-        yield
-        return
-    run_id = uuid.uuid4().hex[:12]
-    write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": False})
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": True, "ok": ok})
-
-
-def current_run_id(run_dir: Path) -> str | None:
-    """The id launch.json files of this run carry, so a follower never joins a launch left by an earlier run."""
-    state = read_json(run_dir / STATE)
-    return state["run_id"] if state else None
 
 
 def follow(run_dir: Path, machine_rank: int, timeout_s: float | None = None) -> int:
     """Join every launch of machine 0's run until it ends; its exit status (0 when it succeeded)."""
-    from pipeline.launch import accelerate_command
-
     if machine_rank < 1:
         raise PipelineError("join runs on the other machines: --machine-rank must be 1 or more (machine 0 runs "
                             "`python -m pipeline run`)")

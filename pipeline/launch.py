@@ -7,11 +7,12 @@ several processes (distributed.num_processes, num_machines, deepspeed) it writes
     accelerate launch --num_processes ... [--use_deepspeed --deepspeed_config_file ...] -m pipeline.launch launch.json
 
 Every process runs the same stage code; the trainers (and our PPO, through accelerate) split the batches, and only
-the main process writes files. The main process leaves the stage's metrics in <stage>/launch_result.json for the
+the main process writes files. The main process leaves the stage's result in <stage>/launch_result.json for the
 runner to record. On a multi-machine run the runner runs on machine 0, and for every stage it launches the other
 machines run the `accelerate launch ... --machine_rank <rank> -m pipeline.launch <stage>/launch.json` command it
 prints, or `python -m pipeline join` does it for them (pipeline/join.py; the run directory on a filesystem they all
-share: DeepSpeed writes each process's checkpoint shard itself).
+share: DeepSpeed writes each process's checkpoint shard itself); <run-dir>/join.json, kept here, tells them which run
+is in progress.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import importlib
 import json
 import os
@@ -28,27 +30,46 @@ import sys
 import uuid
 from pathlib import Path
 
-from pipeline.artifacts import write_json_atomic
-from pipeline.config import DistributedConfig, RunConfig
-from pipeline.context import ModelSource, StageContext
+from pipeline.artifacts import read_json, write_json_atomic
+from pipeline.config import REGISTRY, DistributedConfig, RunConfig
+from pipeline.context import ModelSource, StageContext, StageResult
+from pipeline.distributed import is_main_process, start_process_group
 from pipeline.errors import PipelineError
-from pipeline.join import current_run_id
-from pipeline.log import is_main_process, log
+from pipeline.log import log
 
 SPEC = "launch.json"
 RESULT = "launch_result.json"
 PR_SET_PDEATHSIG = 1  # prctl option, <linux/prctl.h>
-
-
-# The stages that train in several processes when distributed launching is configured. preferences runs in the
-# runner's own process (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and
-# launches only its llm judge (stages/preferences.label_launched).
-LAUNCHED_STAGES = ("cpt", "sft", "rm", "dpo", "ppo")
-EVALUATED_STAGES = ("dpo", "ppo")  # compared with their starting policy afterwards (stages/evaluate.py)
+STATE = "join.json"  # in the run directory: the run in progress, for the machines that join it (pipeline/join.py)
 
 
 def launches(config: RunConfig, stage: str) -> bool:
-    return config.distributed.enabled and stage in LAUNCHED_STAGES
+    """Whether `stage` trains in launched processes (Stage.launched). preferences runs in the runner's own process
+    (sampling, and labelling by a person, a file, an API or a rule, have nothing to shard) and launches only its llm
+    judge (stages/preferences.label_launched)."""
+    return config.distributed.enabled and REGISTRY[stage].launched
+
+
+@contextlib.contextmanager
+def announced(run_dir: Path, config: RunConfig):
+    """Around a runner's run: tell joining machines a run is in progress, then how it ended."""
+    if config.distributed.num_machines <= 1:
+        yield
+        return
+    run_id = uuid.uuid4().hex[:12]
+    write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": False})
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        write_json_atomic(run_dir / STATE, {"run_id": run_id, "finished": True, "ok": ok})
+
+
+def current_run_id(run_dir: Path) -> str | None:
+    """The id launch.json files of this run carry, so a follower never joins a launch left by an earlier run."""
+    state = read_json(run_dir / STATE)
+    return state["run_id"] if state else None
 
 
 def check_main_machine(config: RunConfig) -> None:
@@ -79,33 +100,9 @@ def accelerate_command(dist: DistributedConfig, spec: Path) -> list[str]:
     return [*command, "-m", "pipeline.launch", str(spec)]
 
 
-def deepspeed_plugin(dist: DistributedConfig, micro_batch_size: int, hidden_size: int, gradient_clipping: float = 1.0):
-    """accelerate's DeepSpeed plugin for distributed.deepspeed (None without), its "auto" values filled for code that
-    drives accelerate itself (PPO's loop, the llm judge): accelerate fills them from a prepared dataloader and the
-    model's config, which these do not have. The bucket sizes are the ones transformers' Trainer picks."""
-    if not dist.deepspeed:
-        return None
-    from accelerate.utils import DeepSpeedPlugin
-
-    plugin = DeepSpeedPlugin(hf_ds_config=str(Path(dist.deepspeed).resolve()))
-    ds = plugin.deepspeed_config
-    filled = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "train_batch_size": micro_batch_size * dist.world_size, "gradient_clipping": gradient_clipping}
-    zero = {"reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key, value in filled.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    for key, value in zero.items():
-        if ds.get("zero_optimization", {}).get(key) == "auto":
-            ds["zero_optimization"][key] = value
-    return plugin
-
-
-def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
+def run_launched(ctx: StageContext, entry: str | None = None) -> StageResult | None:
     """Run ctx's stage (or `entry`, "module:function" taking the context) under accelerate launch and return the
-    metrics its main process reported."""
+    result its main process reported (None for an entry, which keeps what it makes in files)."""
     dist = ctx.config.distributed
     spec, result = ctx.stage_dir / SPEC, ctx.stage_dir / RESULT
     result.unlink(missing_ok=True)
@@ -128,15 +125,10 @@ def run_launched(ctx: StageContext, entry: str | None = None) -> dict:
                             f"is above. Run the same command again to resume from the newest complete checkpoint")
     if not result.exists():
         if dist.machine_rank != 0:
-            return {}  # machine 0 records the results
+            return None  # machine 0 records the results
         raise PipelineError(f"{ctx.name}: the launched processes exited without writing {result}")
-    metrics = json.loads(result.read_text(encoding="utf-8"))
-    if ctx.name in EVALUATED_STAGES and entry is None:
-        from stages.evaluate import compare_saved
-
-        # Here, on the saved result: sampling from a model sharded over the processes is slow and hang-prone.
-        metrics.update(compare_saved(ctx))
-    return metrics
+    reported = json.loads(result.read_text(encoding="utf-8"))
+    return StageResult(**reported) if reported else None
 
 
 def _context_to_dict(ctx: StageContext) -> dict:
@@ -157,21 +149,6 @@ def _context_from_dict(spec: dict, config: RunConfig) -> StageContext:
                         Path(spec["data_from"]) if spec["data_from"] else None, Path(spec["run_dir"]))
 
 
-@contextlib.contextmanager
-def main_process_first():
-    """In launched processes the main one runs the block first (writing a file they all read, say) and the others
-    wait for it, then run it; in a single process, just the block."""
-    import torch.distributed
-
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield
-
-
 def die_with_parent(sig: int) -> None:
     """Have the kernel send `sig` to this process when its parent dies (Linux; elsewhere a no-op). torchrun starts each
     process in a session of its own, so killing the runner's process group (preemption, the OOM killer) would leave
@@ -185,18 +162,8 @@ def die_with_parent(sig: int) -> None:
         os.kill(os.getpid(), sig)
 
 
-def _start_process_group() -> None:
-    """Join the launched processes once, for every trainer in this process to use (the stages pass
-    accelerator_config.use_configured_state). On a machine without GPUs accelerate 1.15 picks no backend for DeepSpeed
-    and then counts a single process, so every rank would think it is rank 0 of 1; naming gloo there avoids that."""
-    import torch
-    from accelerate import PartialState
-
-    PartialState(backend=None if torch.cuda.is_available() else "gloo")
-
-
 def worker(spec_path: Path) -> int:
-    """One launched process: run the stage; the main process writes its metrics for the runner."""
+    """One launched process: run the stage; the main process writes its result for the runner."""
     from pipeline.config import load_config
     from stages import STAGES
 
@@ -204,7 +171,7 @@ def worker(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     config = load_config(spec["config"])
     ctx = _context_from_dict(spec, config)
-    _start_process_group()
+    start_process_group()
     if spec.get("entry"):  # a part of a stage the runner runs, and tracks, itself
         module, function = spec["entry"].split(":")
         run = getattr(importlib.import_module(module), function)
@@ -212,14 +179,14 @@ def worker(spec_path: Path) -> int:
         run = STAGES[ctx.name].run
         ctx.tracker.start()  # the stage's W&B run, on the main process, before its trainer looks for one
     try:
-        metrics = run(ctx)
+        result = run(ctx)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         ctx.tracker.finish()  # the runner reopens it for the results it adds (evaluation on the saved model)
     if is_main_process():
-        write_json_atomic(ctx.stage_dir / RESULT, metrics)
+        write_json_atomic(ctx.stage_dir / RESULT, dataclasses.asdict(result) if result else {})
     return 0
 
 

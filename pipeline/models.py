@@ -159,12 +159,15 @@ def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer):
 
 
 def load_policy(path: Path, adapter: Path | None, model_cfg: ModelConfig, tokenizer):
-    """A causal LM for inference (sampling, judging): the base weights with `adapter` merged in, in eval mode."""
+    """A causal LM for inference (sampling, judging): the base weights with `adapter` merged in, in eval mode. A
+    prompt-learning adapter (prefix, prompt, p_tuning) adds virtual tokens rather than weights: it stays an adapter."""
     from peft import PeftModel
 
     model = load_causal_lm(path, model_cfg, tokenizer)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, adapter)
+        if not model.active_peft_config.is_prompt_learning:
+            model = model.merge_and_unload()
     return model.eval()
 
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import yaml
 
 from pipeline.artifacts import read_json, write_text_atomic
-from pipeline.config import STAGE_ORDER
+from pipeline.config import REGISTRY, STAGE_ORDER
 from pipeline.errors import PipelineError
 
-POLICY_EVALUATED = ("dpo", "ppo")  # the stages compared with their starting policy (stages/evaluate.py)
 SAMPLES_SHOWN = 3
 SAMPLE_CHARS = 600
 
@@ -81,7 +80,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def load_stages(run_dir: Path) -> list[Stage]:
-    from pipeline.runner import stage_status
+    from pipeline.artifacts import stage_status
 
     stages = []
     for name in STAGE_ORDER:
@@ -195,7 +194,7 @@ def ppo_section(stage: Stage, run_dir: Path) -> Section | None:
 def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
     from pipeline import plots
 
-    evaluated = [s for s in stages if s.name in POLICY_EVALUATED and s.metrics.get("eval/wins") is not None]
+    evaluated = [s for s in stages if REGISTRY[s.name].evaluated and s.metrics.get("eval/wins") is not None]
     if not evaluated:
         return None
     evaluation = config.get("evaluation", {})
@@ -250,7 +249,7 @@ def verdict(low: float | None, high: float | None) -> str:
 def alignment_section(stages: list[Stage], config: dict) -> Section | None:
     """The headline: did the policy stages beat the policy they started from, under each judge, with what cost
     (KL), on the held-out measure, and with warnings where the reward looks hacked."""
-    evaluated = [s for s in stages if s.name in POLICY_EVALUATED and s.metrics.get("eval/wins") is not None]
+    evaluated = [s for s in stages if REGISTRY[s.name].evaluated and s.metrics.get("eval/wins") is not None]
     if not evaluated:
         return None
     rows, warnings = [], []
@@ -355,7 +354,7 @@ def samples_section(stages: list[Stage], run_dir: Path) -> Section | None:
     verdicts = {"a": "after", "b": "before", "tie": "tie", None: "unjudged"}
     blocks = []
     for stage in stages:
-        if stage.name not in POLICY_EVALUATED:
+        if not REGISTRY[stage.name].evaluated:
             continue
         samples = read_jsonl(run_dir / stage.name / "eval_samples.jsonl")
         if samples:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import join, launch, report, tracking
+from pipeline import launch, report, tracking
 from pipeline.artifacts import (
-    archive_stage_dir, complete_checkpoints, hash_config, hash_path, incomplete_checkpoints, read_manifest,
+    archive_stage_dir, complete_checkpoints, completed, hash_config, hash_path, incomplete_checkpoints, read_manifest,
     write_manifest,
 )
-from pipeline.config import POLICY_STAGES, STAGE_ORDER, RunConfig, evaluation_judges
+from pipeline.config import MODEL_JUDGES, REGISTRY, STAGE_ORDER, RunConfig, evaluation_judges
 from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
@@ -30,26 +30,13 @@ from pipeline.models import BUILTIN_MODELS, resolve_model_path
 from stages import STAGES
 
 
-# Judges whose `model` can be a stage of this run.
-MODEL_JUDGES = ("llm", "contrastive", "reward_model")
-
-# Where a stage's data comes from when its config names no file: the wiring between stages, in one visible place.
-DATA_FROM = {"rm": "preferences", "dpo": "preferences"}
-
-
 def referenced_stages(config: RunConfig, name: str) -> list[str]:
     """Stages whose result `name` uses besides its starting model and data: the model of a judge, a reward or ppo's
-    critic. Their output hashes join its inputs, so a retrained reward model re-runs the stages that score with it."""
-    models = []
-    if name == "preferences" and config.preferences.judge.type in MODEL_JUDGES:
-        models.append(config.preferences.judge.model)
-    if name == "ppo" and config.ppo.reward.type == "reward_model":
-        models.append(config.ppo.reward.model)
-    if name == "ppo" and config.ppo.reward.type == "judge" and config.ppo.reward.judge.type in MODEL_JUDGES:
-        models.append(config.ppo.reward.judge.model)
-    if name == "ppo" and config.ppo.critic:
-        models.append(config.ppo.critic)
-    if name in ("dpo", "ppo") and config.evaluation.prompts:
+    critic (Stage.uses), and the evaluation judges' after an evaluated stage. Their output hashes join its inputs, so
+    a retrained reward model re-runs the stages that score with it."""
+    stage = REGISTRY[name]
+    models = stage.uses(config)
+    if stage.evaluated and config.evaluation.prompts:
         models += [judge.model for judge in evaluation_judges(config) if judge.type in MODEL_JUDGES]
     return sorted({model for model in models if model in STAGE_ORDER and model != name})
 
@@ -62,7 +49,7 @@ class Decision:
     init: ModelSource | None = None
     resume_from: Path | None = None
     hashes: dict = field(default_factory=dict)
-    data_from: Path | None = None  # an earlier stage's output the stage trains on (DATA_FROM)
+    data_from: Path | None = None  # an earlier stage's output the stage trains on (Stage.data_from)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -103,8 +90,8 @@ class Runner:
         """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
         init = self.config.stage(name).init_from
         if init == "auto":
-            earlier = [s for s in POLICY_STAGES if s in STAGE_ORDER[: STAGE_ORDER.index(name)]
-                       and self.config.stage(s).enabled]
+            earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)]
+                       if REGISTRY[s].starts_later_stages and self.config.stage(s).enabled]
             if earlier:
                 init = earlier[-1]
                 if init not in will_run and not self._completed(init):
@@ -131,7 +118,7 @@ class Runner:
 
     def _data_source(self, name: str, will_run: set[str]) -> str | None:
         """The earlier stage whose output `name` trains on, when its config names no data file of its own."""
-        upstream = DATA_FROM.get(name)
+        upstream = REGISTRY[name].data_from
         if upstream is None or self.config.stage(name).data.train:
             return None
         if upstream not in will_run and not self._completed(upstream):
@@ -140,8 +127,7 @@ class Runner:
         return upstream
 
     def _completed(self, name: str) -> bool:
-        manifest = read_manifest(self.run_dir / name)
-        return bool(manifest and manifest.get("status") == "completed")
+        return completed(read_manifest(self.run_dir / name))
 
     def _hashes(self, name: str, init: ModelSource | None, upstream: str | None, data_upstream: str | None) -> dict:
         config = self.config
@@ -193,7 +179,7 @@ class Runner:
         changed = [k for k in sorted(set(hashes) | set(manifest.get("hashes", {})))
                    if hashes.get(k) != manifest.get("hashes", {}).get(k)]
         status = manifest.get("status")
-        if status == "completed":
+        if completed(manifest):
             if not changed and (stage_dir / "final").exists():
                 return Decision(name, "skip", "completed with the same config and inputs", init, None, hashes,
                                 data_from)
@@ -238,7 +224,7 @@ class Runner:
         launch.check_main_machine(self.config)
         preflight(self.config, names)
         summary = []
-        with RunLock(self.run_dir), join.announced(self.run_dir, self.config):
+        with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             for name in names:
                 decision = self.decide(name, set())
@@ -270,13 +256,15 @@ class Runner:
         write_manifest(stage_dir, manifest)
         tracking.configure(self.run_dir, decision.stage)
         ctx = StageContext(decision.stage, self.config, stage_dir, decision.init, self.run_name, decision.resume_from,
-                           decision.data_from, self.run_dir)
+                           decision.data_from, self.run_dir, launcher=launch.run_launched)
         launched = launch.launches(self.config, decision.stage)
         if not launched:  # a launched stage's main process opens the run (pipeline.launch.worker)
             ctx.tracker.start()  # before any trainer: their W&B callback logs into the run it finds open
-        run = launch.run_launched if launched else STAGES[decision.stage].run
+        module = STAGES[decision.stage]
         try:
-            metrics = run(ctx)
+            result = launch.run_launched(ctx) if launched else module.run(ctx)
+            if hasattr(module, "evaluate_saved"):  # on the saved result, here, whether or not it trained launched
+                result.metrics.update(module.evaluate_saved(ctx, result))
         except BaseException as exc:
             ctx.tracker.finish()
             manifest = read_manifest(stage_dir)
@@ -286,27 +274,17 @@ class Runner:
             write_manifest(stage_dir, manifest)
             raise
         manifest = read_manifest(stage_dir)
-        metrics = {**manifest.get("metrics", {}), **metrics}  # with what the stage recorded on the way (baselines)
+        # With what the stage recorded on the way (baselines measured before training, kept through a resume).
+        metrics = {**manifest.get("metrics", {}), **result.metrics}
         ctx.tracker.log(metrics, step=metrics.get("train/steps", 0))  # the stage's results beside its curves
         ctx.tracker.finish()
         finished = time.time()
         manifest.update(
-            status="completed", finished_at=finished, duration_s=round(finished - manifest["started_at"], 1),
-            metrics=metrics, output_hash=hash_path(stage_dir / "final"), error=None,
+            **result.manifest, status="completed", finished_at=finished,
+            duration_s=round(finished - manifest["started_at"], 1), metrics=metrics,
+            output_hash=hash_path(stage_dir / "final"), error=None,
         )
         write_manifest(stage_dir, manifest)
-
-
-def stage_status(run_dir: Path, name: str) -> dict:
-    """A stage's manifest as `status` reports it: a 'running' stage whose run holds no lock was interrupted."""
-    manifest = read_manifest(run_dir / name)
-    if manifest is None:
-        return {"status": "pending"}
-    if manifest["status"] == "running" and not RunLock.is_held(run_dir):
-        manifest["status"] = "interrupted"
-    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
-    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
-    return manifest
 
 
 def _asdict(obj) -> dict:

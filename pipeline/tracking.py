@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.table import Table
 
 from pipeline.config import RunConfig
-from pipeline.log import console, is_main_process
+from pipeline.distributed import is_main_process
+from pipeline.log import console
 
 STEP = "train/global_step"
 # Config keys whose values are credentials (TrainingArguments' hub_token, say). A key ending in _env names an

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pipeline.config import POLICY_STAGES, RunConfig
+from pipeline.config import REGISTRY, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.log import console, log
 from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
 from pipeline.render import show_sample
 from pipeline.runner import preflight
 from stages import STAGES
-from stages.lm import max_length
+from stages.hf_trainer import max_length
 
 
 def check_peft_targets(config: RunConfig) -> str:
@@ -42,11 +42,11 @@ def validate(config: RunConfig, names: list[str]) -> int:
     log(f"peft: {check_peft_targets(config)}")
     for name in names:
         stage = STAGES[name]
-        if name not in POLICY_STAGES:  # cpt and sft render samples; the others summarise their inputs
+        if not REGISTRY[name].starts_later_stages:  # the language-model stages render a sample; the others summarise
             log(f"[bold]{name}[/bold]: {stage.check(config)}")
             continue
         train, held_out = stage.load(config)
-        limit = max_length(config.stage(name).trainer)
+        limit = max_length(name, config.stage(name).trainer)
         train_tok, eval_tok = stage.tokenize(config, tokenizer, train, held_out, limit)
         dropped = train_tok.dropped_too_long + eval_tok.dropped_too_long
         log(f"[bold]{name}[/bold]: {len(train)} train / {len(held_out)} eval records -> "

@@ -9,15 +9,13 @@ each one's labels.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from pipeline.artifacts import hash_config, hash_path
-from pipeline.config import JUDGE_KEYS, STAGE_ORDER, JudgeConfig, RunConfig
+from pipeline.config import JUDGE_KEYS, JudgeConfig, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
-from pipeline.models import resolve_model_path
 from reward.pairs import Label
 
 # Keys that say how a judge runs rather than what it decides: left out of its identity.
@@ -29,21 +27,6 @@ def rubric_text(judge: JudgeConfig) -> str | None:
     from reward.judges import constitution
 
     return constitution(judge.principles) if judge.principles else judge.rubric
-
-
-def model_source(spec: str, config: RunConfig, run_dir: Path) -> ModelSource:
-    """A judge's model: a stage of this run (e.g. rm), a built-in name, a model directory or an adapter directory."""
-    if spec in STAGE_ORDER:
-        stage_dir = run_dir / spec
-        manifest_path = stage_dir / "stage.json"
-        if not manifest_path.exists() or json.loads(manifest_path.read_text()).get("status") != "completed":
-            raise ConfigError(f"the judge's model is the {spec} stage, which has not completed in {run_dir}")
-        return ModelSource.of_stage(stage_dir)
-    path = resolve_model_path(spec)
-    if (path / "adapter_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return ModelSource(resolve_model_path(base), path, f"the adapter {path}")
-    return ModelSource(path, None, f"the model {path}")
 
 
 HUMAN = "human"  # one person (or team) labelling a run: `python -m pipeline label` writes these labels
@@ -61,7 +44,7 @@ def judge_id(config: RunConfig, run_dir: Path) -> str:
     if judge.type == "human_file":
         keys["content"] = hash_path(Path(judge.path))
     if judge.type in ("llm", "contrastive", "reward_model"):
-        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        source = ModelSource.named(judge.model or config.model.name_or_path, run_dir)
         keys["model"] = [str(source.base), hash_path(source.adapter) if source.adapter else None]
     return f"{judge.type}-{hash_config(keys)[:10]}"
 
@@ -93,7 +76,7 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
     if judge.type == "llm":
         from reward.llm_judge import LlmJudge
 
-        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        source = ModelSource.named(judge.model or config.model.name_or_path, run_dir)
         name = f"llm:{judge.model or config.model.name_or_path}"
         return LlmJudge.from_path(source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
                                   principles=judge.principles or None, batch_size=judge.batch_size,
@@ -102,7 +85,7 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
     if judge.type == "contrastive":
         from reward.contrastive_judge import ContrastiveJudge
 
-        source = model_source(judge.model or config.model.name_or_path, config, run_dir)
+        source = ModelSource.named(judge.model or config.model.name_or_path, run_dir)
         return ContrastiveJudge.from_path(
             source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
             principles=judge.principles or None, violation=judge.violation, length_norm=judge.length_norm,
@@ -111,7 +94,7 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
     if judge.type == "reward_model":
         from reward.rm_judge import RewardModelJudge
 
-        source = model_source(judge.model, config, run_dir)
+        source = ModelSource.named(judge.model, run_dir)
         return RewardModelJudge.from_path(source.base, config.model, adapter=source.adapter,
                                           batch_size=judge.batch_size, max_length=judge.max_length,
                                           tie_margin=judge.tie_margin, name=f"reward_model:{judge.model}",

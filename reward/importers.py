@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from pipeline import data as data_formats
 from pipeline.data import read_records
 from pipeline.errors import ConfigError, DataError
 from reward.pairs import Pair, PreferenceRow
@@ -219,17 +220,15 @@ def _from_sharegpt(rec: _Record) -> PreferenceRow:
 _CONVERTERS = {"prompt": _from_prompt, "hh": _from_hh, "sharegpt": _from_sharegpt}
 
 
+# How `format: auto` recognises a preference format (pipeline.data.detect_format), in order of precedence. "chosen"
+# alone suffices so a record missing "rejected" gets a missing-field error.
+PREFERENCE_SIGNS = (("sharegpt", "conversations", "'conversations'"), ("prompt", "prompt", "'prompt'"),
+                    ("hh", "chosen", "'chosen' and 'rejected' transcripts"))
+
+
 def detect_format(record: dict) -> str:
     """The preference format a record's field names point to."""
-    if "conversations" in record:
-        return "sharegpt"
-    if "prompt" in record:
-        return "prompt"
-    # "chosen" alone suffices so a record missing "rejected" gets a missing-field error.
-    if "chosen" in record:
-        return "hh"
-    raise ValueError(f"cannot detect the preference format from fields {sorted(record)}; expected 'prompt' "
-                     "(prompt), 'conversations' (sharegpt) or 'chosen' and 'rejected' transcripts (hh)")
+    return data_formats.detect_format(record, PREFERENCE_SIGNS, "preference ")
 
 
 def load_preferences(path, format: str = "auto") -> list[PreferenceRow]:
@@ -238,11 +237,8 @@ def load_preferences(path, format: str = "auto") -> list[PreferenceRow]:
         raise ConfigError(f"unknown preference format {format!r}; valid formats: {', '.join(FORMATS)}")
     rows = []
     for line, data in read_records(path):
-        if format == "auto":  # decided by the first record; later ones must match it
-            try:
-                format = detect_format(data)
-            except ValueError as e:
-                raise DataError(path, line, None, f"{e}; or set the format explicitly") from None
+        if format == "auto":
+            format = data_formats.detect_in_file(path, line, data, PREFERENCE_SIGNS, "preference ")
         rows.append(_CONVERTERS[format](_Record(data, str(path), line)))
     return rows
 

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError
 from pipeline.log import warn
 from pipeline.models import load_policy, load_tokenizer
@@ -123,7 +124,7 @@ class LlmJudge:
         from accelerate.utils import gather_object
 
         state = PartialState()
-        collect = Collector(self, pairs, on_label=self.on_label if state.is_main_process else None)
+        collect = Collector(self, pairs, on_label=self.on_label if is_main_process() else None)
         batches, labels = self.batches(pairs), []
         for first in range(0, len(batches), state.num_processes):
             mine = first + state.process_index

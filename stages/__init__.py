@@ -1,13 +1,18 @@
-"""The stages, in pipeline order. Each module has the same shape:
+"""The stages' work, one module each, named and ordered as pipeline.config.REGISTRY describes them. Each module has
+the same shape:
 
     check(config) -> str              validate its data and options without compute; a one-line summary
     data_files(config) -> {key: path} the files it reads, hashed to decide whether it must run again
     uses_model(config) -> bool         whether it starts from a model (init_from), so the runner wires one in
-    run(ctx: StageContext) -> metrics  do the work and write ctx.final_dir
+    run(ctx: StageContext) -> StageResult  do the work, write ctx.final_dir, return metrics and manifest fields
 
+and, where the stage's result is evaluated once saved, evaluate_saved(ctx, result) -> metrics, which the runner
+calls in its own process (sft answers held-out prompts; dpo and ppo are compared with their starting policy).
 cpt and sft also expose load/tokenize, which `validate` uses to show a rendered sample.
 """
 
-from stages import cpt, dpo, ppo, preferences, rm, sft
+from importlib import import_module
 
-STAGES = {"cpt": cpt, "sft": sft, "preferences": preferences, "rm": rm, "dpo": dpo, "ppo": ppo}
+from pipeline.config import REGISTRY
+
+STAGES = {name: import_module(f"stages.{name}") for name in REGISTRY}

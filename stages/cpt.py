@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.context import StageResult
 from pipeline.data import load_texts
 from pipeline.render import tokenize_documents
 from stages import lm
@@ -31,7 +32,7 @@ def general_text(config: RunConfig) -> list:
     return load_texts(Path(data.general_eval), data.columns) if data.general_eval else []
 
 
-def run(ctx) -> dict:
+def run(ctx) -> StageResult:
     return lm.run_stage(ctx, load, tokenize, general=general_text(ctx.config))
 
 

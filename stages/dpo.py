@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import RunConfig
-from pipeline.context import StageContext
+from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, track, warn
 from pipeline.render import response_ids
 from reward.pairs import PreferenceRow
-from stages import lm, preference_data
+from stages import hf_trainer, lm, preference_data
 
 NAME = "dpo"
 
@@ -32,15 +32,13 @@ def data_files(config: RunConfig) -> dict:
 
 
 def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
-    return preference_data.load_pairs(config, NAME, data_from)
+    return preference_data.load_rows(config, NAME, data_from)
 
 
 def check(config: RunConfig) -> str:
-    from trl import DPOConfig
-
     preference_data.check_format(config, NAME)
     train, held_out = load(config)
-    lm.trainer_args(DPOConfig, NAME, config.dpo.trainer, config.seed, output_dir="unused")
+    hf_trainer.check_trainer_keys(config, NAME)
     if not config.dpo.data.train:
         return "trains on the preferences stage's output"
     return f"{len(train)} train / {len(held_out)} eval pairs"
@@ -64,17 +62,14 @@ def _policy(ctx: StageContext, tokenizer):
     from peft import get_peft_model
     from transformers import set_seed
 
-    from pipeline.models import load_causal_lm, load_policy, peft_config_for
+    from pipeline.models import load_causal_lm, peft_config_for
 
     set_seed(ctx.config.seed)
-    base_dir = ctx.init.base
     if ctx.init.adapter is not None:
         # The starting adapter is folded in, so switching the new adapter off gives the starting policy: the reference.
-        model = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
-        base_dir = lm.save_merged_base(ctx, model, tokenizer)
-        model.train()
+        model, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
     else:
-        model = load_causal_lm(base_dir, ctx.config.model, tokenizer)
+        model, base_dir = load_causal_lm(ctx.init.base, ctx.config.model, tokenizer), ctx.init.base
     peft_config = peft_config_for(ctx.config.peft)
     if peft_config is None:
         return model, base_dir  # full fine-tuning: DPOTrainer loads a frozen reference copy from base_dir
@@ -84,21 +79,33 @@ def _policy(ctx: StageContext, tokenizer):
     return get_peft_model(model, peft_config), base_dir
 
 
-def run(ctx: StageContext) -> dict:
+def _held_out(trainer) -> dict:
+    """TRL's implicit-reward accuracy and margin on the held-out pairs, before (eval_on_start) and after training."""
+    from stages.metrics import loss_curves, overfitting
+
+    after = trainer.evaluate()
+    metrics = hf_trainer.evaluated_at_start(trainer, {"dpo/eval_accuracy_before": "eval_rewards/accuracies",
+                                                      "dpo/eval_margin_before": "eval_rewards/margins"})
+    metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
+                    "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss"),
+                    "eval/overfitting": overfitting(*loss_curves(trainer.state.log_history, "eval_loss"))})
+    log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
+        f"{metrics['dpo/eval_margin']:.3f}")
+    return metrics
+
+
+def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.callbacks import RichProgressCallback
+    from trl import DPOTrainer
 
     from pipeline.models import load_tokenizer
-    from stages.metrics import loss_curves, overfitting
 
     train_rows, eval_rows = load(ctx.config, ctx.data_from)
     if not train_rows:
         raise PipelineError(f"{NAME}: there are no chosen/rejected pairs to train on (see the preferences stage's "
                             "tie and unlabelled counts)")
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
-    limit = ctx.section.trainer.get("max_length") or DPOConfig.__dataclass_fields__["max_length"].default
+    limit = hf_trainer.max_length(NAME, ctx.section.trainer)
     train, dropped_train = _rows(tokenizer, train_rows, limit)
     held_out, dropped_eval = _rows(tokenizer, eval_rows, limit)
     if dropped_train + dropped_eval:
@@ -107,41 +114,19 @@ def run(ctx: StageContext) -> dict:
     if not train:
         raise ConfigError(f"{NAME}: no training pair fits in max_length={limit}")
     log(f"{NAME}: {len(train)} train / {len(held_out)} held-out pairs")
-    metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(held_out),
-               "data/dropped_too_long": dropped_train + dropped_eval}
+    data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(held_out),
+                    "data/dropped_too_long": dropped_train + dropped_eval}
 
     model, base_dir = _policy(ctx, tokenizer)
-    args = lm.trainer_args(DPOConfig, NAME, ctx.section.trainer, ctx.config.seed,
-                           **lm.managed_args(ctx, bool(held_out)))
-    trainer = DPOTrainer(
-        model=model, ref_model=None, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train), eval_dataset=Dataset.from_list(held_out) if held_out else None,
-        callbacks=[*ctx.callbacks(), RichProgressCallback()],
-    )
-    trainer.remove_callback(PrinterCallback)
-    metrics.update(lm.run_training(ctx, trainer))
-    if held_out:
-        trainer.pop_callback(RichProgressCallback)
-        after = trainer.evaluate()
-        metrics.update(lm.evaluated_at_start(trainer, {"dpo/eval_accuracy_before": "eval_rewards/accuracies",
-                                                       "dpo/eval_margin_before": "eval_rewards/margins"}))
-        metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
-                        "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss"),
-                        "eval/overfitting": overfitting(*loss_curves(trainer.state.log_history, "eval_loss"))})
-        log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
-            f"{metrics['dpo/eval_margin']:.3f}")
-    lm.save_trained(trainer, tokenizer, ctx.final_dir)
-    ctx.record(base_model=str(base_dir))
-    if ctx.config.evaluation.prompts and not ctx.config.distributed.enabled:  # launched: the runner evaluates
-        metrics.update(_compare_with_sft(ctx, trainer.model, tokenizer))
-    return metrics
+    result = hf_trainer.fit(ctx, DPOTrainer, model, tokenizer, base_dir, Dataset.from_list(train),
+                            Dataset.from_list(held_out) if held_out else None, ref_model=None,
+                            trainer_evaluates=bool(held_out), after=_held_out if held_out else None)
+    result.metrics = {**data_metrics, **result.metrics}
+    return result
 
 
-def _compare_with_sft(ctx: StageContext, model, tokenizer) -> dict:
-    from pipeline.models import load_policy
-    from stages.evaluate import compare_with_start
+def evaluate_saved(ctx: StageContext, result: StageResult) -> dict:
+    """The saved policy against sft's (or whichever it started from), on evaluation.prompts."""
+    from stages.evaluate import compare_saved
 
-    if hasattr(model, "disable_adapter"):
-        return compare_with_start(ctx, model, tokenizer)  # the base with the adapter off is the starting policy
-    start = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
-    return compare_with_start(ctx, model, tokenizer, start)
+    return compare_saved(ctx, Path(result.manifest["base_model"]))

@@ -8,13 +8,14 @@
 4. A held-out measure never trained on (`evaluation.measure`, e.g. how often answers are specific), before and after,
    and how many responses repeat themselves (stages.metrics.is_degenerate), before and after.
 
-With an adapter, both policies are one model: the starting policy is the base with the adapter switched off, which
-is exactly what dpo and ppo were trained against. Samples go to <stage>/eval_samples.jsonl for reading.
+The runner runs this on the saved result once the stage has returned (compare_saved), the same with or without
+DeepSpeed; it also answers sft's held-out prompts there (answer_references). With an adapter, the starting policy is
+the base the adapter was trained on, which is exactly what dpo and ppo were held to. Samples go to
+<stage>/eval_samples.jsonl for reading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def _sample(model, tokenizer, prompts, ctx: StageContext, name: str) -> list[str
     return [responses[0] for responses in samples.responses]
 
 
-def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) -> dict:
-    """Metrics of `model` against the starting policy: `start_model`, or `model` with its adapter switched off."""
+def compare_with_start(ctx: StageContext, model, tokenizer, start) -> dict:
+    """Metrics of the policy `model` against the policy `start` it started from."""
     from reward.build import build_judge
     from reward.importers import load_prompts
     from reward.judges import load_callable
@@ -78,16 +79,12 @@ def compare_with_start(ctx: StageContext, model, tokenizer, start_model=None) ->
     prompts = [messages for messages, _ in loaded]
     model.eval()
 
-    def as_start():
-        return contextlib.nullcontext(start_model) if start_model is not None else _adapter_off(model)
-
     # 1. Responses from both policies.
     log(f"{ctx.name}: evaluating on {len(prompts)} held-out prompts from {evaluation.prompts}")
     new = _sample(model, tokenizer, prompts, ctx, "policy")
-    with as_start() as start:
-        old = _sample(start, tokenizer, prompts, ctx, "start")
-        # 3. KL(new || start), estimated on the new policy's own responses.
-        start_logp = response_logprobs(start, tokenizer, prompts, new, evaluation.batch_size)
+    old = _sample(start, tokenizer, prompts, ctx, "start")
+    # 3. KL(new || start), estimated on the new policy's own responses.
+    start_logp = response_logprobs(start, tokenizer, prompts, new, evaluation.batch_size)
     new_logp = response_logprobs(model, tokenizer, prompts, new, evaluation.batch_size)
     kl = sum(n - s for n, s in zip(new_logp, start_logp)) / len(prompts)
 
@@ -144,9 +141,10 @@ def win_rate(winners: list[str | None], prefix: str) -> dict:
             f"{prefix}unjudged": len(winners) - judged}
 
 
-def answer_references(ctx: StageContext, model, tokenizer, conversations: list) -> dict:
-    """sft's held-out conversations answered by the trained policy: each conversation up to its last (assistant)
-    turn is the prompt and that turn the reference; BLEU and ROUGE of the answers against the references."""
+def answer_references(ctx: StageContext, base_model: Path, conversations: list) -> dict:
+    """sft's held-out conversations answered by its saved policy (final/ on `base_model`): each conversation up to its
+    last (assistant) turn is the prompt and that turn the reference; BLEU and ROUGE of the answers against the
+    references."""
     from stages.metrics import text_overlap
 
     held_out = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
@@ -156,7 +154,7 @@ def answer_references(ctx: StageContext, model, tokenizer, conversations: list) 
     prompts = [list(c.messages[:-1]) for c in held_out]
     references = [c.messages[-1]["content"] for c in held_out]
     log(f"{ctx.name}: answering {len(prompts)} held-out prompts to compare with their reference answers")
-    model.eval()
+    model, tokenizer = _saved_policy(ctx, base_model)
     answers = _sample(model, tokenizer, prompts, ctx, "references")
     overlap = text_overlap(answers, references)
     ctx.tracker.log_table("eval/samples", ["prompt", "reference", "answer"],
@@ -164,17 +162,6 @@ def answer_references(ctx: StageContext, model, tokenizer, conversations: list) 
     log(f"{ctx.name}: against the reference answers BLEU {overlap['bleu']:.3f}, ROUGE-1 {overlap['rouge1']:.3f}, "
         f"ROUGE-L {overlap['rougeL']:.3f}")
     return {"eval/references": len(prompts), **{f"eval/{name}": value for name, value in overlap.items()}}
-
-
-def _adapter_off(model):
-    if not hasattr(model, "disable_adapter"):
-        raise ValueError("a policy without an adapter needs its starting model passed as start_model")
-
-    @contextlib.contextmanager
-    def off():
-        with model.disable_adapter():
-            yield model
-    return off()
 
 
 def _pct(value) -> str:
@@ -190,20 +177,31 @@ def _write_samples(path: Path, prompts, old, new, winners, scores_old, scores_ne
     return samples
 
 
-def compare_saved(ctx: StageContext) -> dict:
-    """compare_with_start for a stage that trained in launched processes: the runner's process loads the saved
-    result as a user would (final/ on the base the manifest records) and the policy the stage started from."""
-    from pipeline.artifacts import read_manifest
-    from pipeline.models import load_policy, load_tokenizer
+def compare_saved(ctx: StageContext, base_model: Path) -> dict:
+    """compare_with_start on a saved dpo or ppo result, loaded as a user would (final/ on `base_model`, the base it
+    was trained on), against the policy the stage started from. The runner runs this once the stage has returned,
+    in its own process, with or without DeepSpeed: sampling from a model sharded over processes is slow and
+    hang-prone."""
+    from pipeline.models import load_policy
 
     if not ctx.config.evaluation.prompts:
         return {}
-    tokenizer = load_tokenizer(ctx.config.model, ctx.final_dir)
+    model, tokenizer = _saved_policy(ctx, base_model)
     if (ctx.final_dir / "adapter_config.json").exists():
-        base = Path(read_manifest(ctx.stage_dir)["base_model"])  # the starting policy, merged: see the docstring
-        model = load_policy(base, ctx.final_dir, ctx.config.model, tokenizer)
-        start = load_policy(base, None, ctx.config.model, tokenizer)
+        start = load_policy(base_model, None, ctx.config.model, tokenizer)  # the starting policy, merged in
     else:
-        model = load_policy(ctx.final_dir, None, ctx.config.model, tokenizer)
         start = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
     return compare_with_start(ctx, model, tokenizer, start)
+
+
+def _saved_policy(ctx: StageContext, base_model: Path):
+    """(model, tokenizer) of a stage's final/: an adapter on `base_model`, or a whole model."""
+    import gc
+
+    from pipeline.models import load_policy, load_tokenizer
+
+    gc.collect()  # the trainer that just returned holds its model in reference cycles: free it before loading more
+    tokenizer = load_tokenizer(ctx.config.model, ctx.final_dir)
+    if (ctx.final_dir / "adapter_config.json").exists():
+        return load_policy(base_model, ctx.final_dir, ctx.config.model, tokenizer), tokenizer
+    return load_policy(ctx.final_dir, None, ctx.config.model, tokenizer), tokenizer

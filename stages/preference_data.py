@@ -32,7 +32,7 @@ def split_by_prompt(rows: list[PreferenceRow], fraction: float, seed: int) -> tu
     return train, [row for row in rows if json.dumps(row.prompt, sort_keys=True) in held]
 
 
-def load_pairs(config: RunConfig, stage: str, data_from: Path | None) -> tuple[list, list]:
+def load_rows(config: RunConfig, stage: str, data_from: Path | None) -> tuple[list, list]:
     """(train, held-out) rows; ([], []) when the data comes from the preferences stage and it has not run yet."""
     from reward.importers import load_preferences
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig, unused_judge_keys
-from pipeline.context import StageContext
+from pipeline.context import StageContext, StageResult
+from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
 from pipeline.log import log, progress, warn
 from reward.pairs import LabelStore, Pair, preference_rows, write_pairs, write_preferences
@@ -127,7 +128,7 @@ def _judges_in_processes(config: RunConfig) -> bool:
     return config.distributed.enabled and config.preferences.judge.type == "llm"
 
 
-def label_launched(ctx: StageContext) -> dict:
+def label_launched(ctx: StageContext) -> None:
     """In each process `accelerate launch` started: the llm judge on the pairs (pairs.jsonl) it has not labelled
     yet, shared by the processes; the main process stores each label as soon as both orders are read, so a kill
     loses none."""
@@ -139,7 +140,7 @@ def label_launched(ctx: StageContext) -> dict:
 
     state = PartialState()
     pairs = load_pairs(ctx.stage_dir / "pairs.jsonl")
-    store = LabelStore(labels_path(ctx.config, ctx.run_dir)) if state.is_main_process else None
+    store = LabelStore(labels_path(ctx.config, ctx.run_dir)) if is_main_process() else None
     # What is left to label, as the one process that reads and writes the label file sees it.
     left = [[pair.id for pair in pairs if not store.is_labelled(pair.id)] if store is not None else None]
     broadcast_object_list(left)
@@ -155,7 +156,6 @@ def label_launched(ctx: StageContext) -> dict:
     finally:
         if store is not None:
             store.close()
-    return {}
 
 
 def _on_processes(ctx: StageContext, model):
@@ -163,7 +163,7 @@ def _on_processes(ctx: StageContext, model):
     which TRL uses for its reference models), otherwise a whole copy in each."""
     from accelerate import Accelerator, PartialState
 
-    from pipeline.launch import deepspeed_plugin
+    from pipeline.distributed import deepspeed_plugin
 
     plugin = deepspeed_plugin(ctx.config.distributed, ctx.config.preferences.judge.batch_size,
                               model.config.hidden_size)
@@ -211,7 +211,7 @@ def _agreement(ctx: StageContext, pairs: list[Pair], labels: list) -> dict:
     return metrics
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> StageResult:
     from reward.build import labels_path
     from reward.importers import load_pairs, load_prompts
 
@@ -235,12 +235,10 @@ def run(ctx: StageContext) -> dict:
     # 2. Labels, kept per judge across re-runs.
     in_processes = _judges_in_processes(ctx.config)
     if in_processes:
-        from pipeline.launch import run_launched
-
         log(f"{NAME}: the llm judge runs in the launched processes; they store its labels")
-        run_launched(ctx, entry="stages.preferences:label_launched")
+        ctx.launcher(ctx, entry="stages.preferences:label_launched")
     with LabelStore(labels_path(ctx.config, ctx.run_dir)) as store:
-        ctx.record(labels_file=str(store.path))
+        labels_file = str(store.path)
         if not in_processes:
             _label(ctx, pairs, store)
         labels = [store.get(pair.id) for pair in pairs if store.is_labelled(pair.id)]
@@ -271,4 +269,4 @@ def run(ctx: StageContext) -> dict:
         metrics.update(_agreement(ctx, pairs, labels))
     log(f"{NAME}: {counts.rows} preference rows ({counts.ties} ties, {counts.unlabelled} unlabelled) in "
         f"{ctx.final_dir / 'preferences.jsonl'}")
-    return metrics
+    return StageResult(metrics, {"labels_file": labels_file})

@@ -16,14 +16,15 @@ from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig
-from pipeline.context import StageContext
+from pipeline.context import StageContext, StageResult
+from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, track, warn
 from pipeline.render import response_ids
 from reward.agreement import reliability
 from reward.judges import sigmoid
 from reward.pairs import PreferenceRow
-from stages import lm, preference_data
+from stages import hf_trainer, lm, preference_data
 
 NAME = "rm"
 
@@ -58,17 +59,15 @@ def check_probes_held_out(probes: dict, train_rows: list[PreferenceRow]) -> None
 
 
 def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
-    return preference_data.load_pairs(config, NAME, data_from)
+    return preference_data.load_rows(config, NAME, data_from)
 
 
 def check(config: RunConfig) -> str:
-    from trl import RewardConfig
-
     preference_data.check_format(config, NAME)
     train, held_out = load(config)
     probes = load_probes(config)
     check_probes_held_out(probes, train)
-    lm.trainer_args(RewardConfig, NAME, config.rm.trainer, config.seed, output_dir="unused")
+    hf_trainer.check_trainer_keys(config, NAME)
     probed = "".join(f", probe {name}: {len(rows)} pairs" for name, rows in probes.items())
     if not config.rm.data.train:
         return "trains on the preferences stage's output" + probed
@@ -92,14 +91,13 @@ def _reward_model(ctx: StageContext, tokenizer):
     from peft import get_peft_model
     from transformers import set_seed
 
-    from pipeline.models import load_policy, load_reward_model, peft_config_for
+    from pipeline.models import load_reward_model, peft_config_for
 
     set_seed(ctx.config.seed)  # the score head and the adapter are initialised randomly
     base_dir = ctx.init.base
     if ctx.init.adapter is not None:
-        merged = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
-        base_dir = lm.save_merged_base(ctx, merged, tokenizer)
-        del merged
+        merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
+        del merged  # reloaded below under a score head
     model = load_reward_model(base_dir, ctx.config.model, tokenizer)
     peft_config = peft_config_for(ctx.config.peft, task_type="SEQ_CLS")
     if peft_config is not None:
@@ -107,7 +105,7 @@ def _reward_model(ctx: StageContext, tokenizer):
     return model, base_dir
 
 
-def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_length: int) -> dict:
+def score_pairs(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_length: int) -> dict:
     """Accuracy, mean margin and calibration of P(chosen wins) = sigmoid(r_chosen - r_rejected) on `rows`, and F1 of
     telling chosen from rejected responses by their reward alone, above or below the median of all of them: PPO
     compares rewards across prompts (its advantages are whitened over a batch), which pairwise accuracy never tests."""
@@ -132,17 +130,15 @@ def evaluate(model, tokenizer, rows: list[PreferenceRow], batch_size: int, max_l
             "ece": ece, "f1": f1, "calibration": table}
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
-    from transformers import PrinterCallback
-    from trl import RewardConfig, RewardTrainer
-    from trl.trainer.callbacks import RichProgressCallback
+    from trl import RewardTrainer
 
     from pipeline.models import load_tokenizer
 
     train_rows, eval_rows = load(ctx.config, ctx.data_from)
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
-    limit = ctx.section.trainer.get("max_length") or RewardConfig.__dataclass_fields__["max_length"].default
+    limit = hf_trainer.max_length(NAME, ctx.section.trainer)
     _, train_tok, dropped_train = tokenize(tokenizer, train_rows, limit)
     eval_rows, eval_tok, dropped_eval = tokenize(tokenizer, eval_rows, limit)
     if dropped_train + dropped_eval:
@@ -156,46 +152,45 @@ def run(ctx: StageContext) -> dict:
     probes = load_probes(ctx.config)
     check_probes_held_out(probes, train_rows)
     log(f"{NAME}: {len(train_tok)} train / {len(eval_tok)} held-out pairs")
-    metrics = {"data/train_pairs": len(train_tok), "data/eval_pairs": len(eval_tok),
-               "data/dropped_too_long": dropped_train + dropped_eval}
+    data_metrics = {"data/train_pairs": len(train_tok), "data/eval_pairs": len(eval_tok),
+                    "data/dropped_too_long": dropped_train + dropped_eval}
 
     model, base_dir = _reward_model(ctx, tokenizer)
     batch_size = ctx.section.trainer.get("per_device_eval_batch_size", 8)
     if eval_rows and ctx.resume_from is None:
-        before = evaluate(model, tokenizer, eval_rows, batch_size, limit)
+        before = score_pairs(model, tokenizer, eval_rows, batch_size, limit)
         ctx.record({"rm/eval_accuracy_before": before["accuracy"], "rm/eval_margin_before": before["margin"],
                     "rm/eval_f1_before": before["f1"]})
-    if ctx.resume_from is None:
-        ctx.record({f"rm/probe_{name}_accuracy_before": evaluate(model, tokenizer, rows, batch_size, limit)["accuracy"]
+    if probes and ctx.resume_from is None:
+        ctx.record({f"rm/probe_{name}_accuracy_before": score_pairs(model, tokenizer, rows, batch_size, limit)["accuracy"]
                     for name, rows in probes.items()})
-    args = lm.trainer_args(RewardConfig, NAME, ctx.section.trainer, ctx.config.seed,
-                           **lm.managed_args(ctx, has_eval=False))  # rm measures held-out accuracy itself
-    trainer = RewardTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_tok),
-        eval_dataset=Dataset.from_list(eval_tok) if eval_tok else None,
-        callbacks=[*ctx.callbacks(), RichProgressCallback()],
-    )
-    trainer.remove_callback(PrinterCallback)
-    metrics.update(lm.run_training(ctx, trainer))
-    if eval_rows:
-        after = evaluate(trainer.model, tokenizer, eval_rows, batch_size, limit)
-        metrics.update({"rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
-                        "rm/eval_ece": after["ece"], "rm/eval_f1": after["f1"]})
-        if trainer.is_world_process_zero():
+
+    def held_out(trainer) -> dict:
+        metrics = {}
+        for name, rows in probes.items():
+            metrics[f"rm/probe_{name}_accuracy"] = score_pairs(trainer.model, tokenizer, rows, batch_size,
+                                                               limit)["accuracy"]
+            log(f"{NAME}: accuracy on the probe '{name}' {metrics[f'rm/probe_{name}_accuracy']:.1%} "
+                f"({len(rows)} pairs)")
+        if not eval_rows:
+            return metrics
+        after = score_pairs(trainer.model, tokenizer, eval_rows, batch_size, limit)
+        if is_main_process():
             write_json_atomic(ctx.stage_dir / "calibration.json", {"bins": after["calibration"]})
         ctx.tracker.log_table("rm/calibration", list(after["calibration"][0]),
-                              [list(row.values()) for row in after["calibration"]], metrics["train/steps"])
+                              [list(row.values()) for row in after["calibration"]], trainer.state.global_step)
         log(f"{NAME}: held-out accuracy {after['accuracy']:.1%} on {len(eval_rows)} pairs, mean margin "
             f"{after['margin']:.3f}, expected calibration error {after['ece']:.3f}, F1 of chosen vs rejected by "
             f"reward {after['f1']:.3f}")
         for row in after["calibration"]:
             log(f"  confidence {row['confidence']}: {row['pairs']:>4} pairs, accuracy "
                 f"{'-' if row['accuracy'] is None else format(row['accuracy'], '.0%')}", markup=False)
-    for name, rows in probes.items():
-        metrics[f"rm/probe_{name}_accuracy"] = evaluate(trainer.model, tokenizer, rows, batch_size, limit)["accuracy"]
-        log(f"{NAME}: accuracy on the probe '{name}' {metrics[f'rm/probe_{name}_accuracy']:.1%} ({len(rows)} pairs)")
-    lm.save_trained(trainer, tokenizer, ctx.final_dir)
-    ctx.record(base_model=str(base_dir))
-    return metrics
+        return {**metrics, "rm/eval_accuracy": after["accuracy"], "rm/eval_margin": after["margin"],
+                "rm/eval_ece": after["ece"], "rm/eval_f1": after["f1"]}
 
+    # rm measures held-out accuracy itself (score_pairs), so the trainer does not evaluate.
+    result = hf_trainer.fit(ctx, RewardTrainer, model, tokenizer, base_dir, Dataset.from_list(train_tok),
+                            Dataset.from_list(eval_tok) if eval_tok else None, trainer_evaluates=False,
+                            after=held_out if eval_rows or probes else None)
+    result.metrics = {**data_metrics, **result.metrics}
+    return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.context import StageResult
 from pipeline.data import Delimiters, load_conversations
 from pipeline.render import tokenize_conversations
 from stages import lm
@@ -30,10 +31,15 @@ def tokenize(config: RunConfig, tokenizer, train_convs: list, eval_convs: list, 
             tokenize_conversations(tokenizer, eval_convs, max_length))
 
 
-def run(ctx) -> dict:
+def run(ctx) -> StageResult:
+    return lm.run_stage(ctx, load, tokenize)
+
+
+def evaluate_saved(ctx, result: StageResult) -> dict:
+    """The held-out conversations answered by the saved policy and scored against their reference answers."""
     from stages.evaluate import answer_references
 
-    return lm.run_stage(ctx, load, tokenize, answer=answer_references)
+    return answer_references(ctx, Path(result.manifest["base_model"]), load(ctx.config)[1])
 
 
 def check(config: RunConfig) -> str:

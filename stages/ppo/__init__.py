@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import STAGE_ORDER, RunConfig
-from pipeline.context import StageContext
+from pipeline.config import REGISTRY, RunConfig
+from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
 
@@ -71,7 +71,7 @@ def check(config: RunConfig) -> str:
             from reward.build import build_judge
 
             build_judge(reward.judge, config, Path("."))  # fails now if the key's variable is unset
-    elif reward.model in STAGE_ORDER and reward.model != "rm":
+    elif reward.model in REGISTRY and REGISTRY[reward.model].output != "reward_model":
         raise ConfigError(f"ppo.reward.model '{reward.model}': of this run's stages only rm makes a reward model")
     elif reward.model != "rm" and not any((Path(reward.model) / name).exists()
                                           for name in ("config.json", "adapter_config.json")):
@@ -96,14 +96,14 @@ def reward_function(ctx: StageContext, prompt_tokens: int, prompts: list[list[di
 
         rule = load_callable(reward.function)
         return lambda prompts, responses: [float(rule(p, r)) for p, r in zip(prompts, responses)]
-    from pipeline.artifacts import read_manifest
-    from reward.build import model_source
+    from pipeline.artifacts import completed, read_manifest
+    from pipeline.context import ModelSource
     from reward.rm_judge import RewardModelJudge
 
-    if reward.model == "rm" and (read_manifest(ctx.run_dir / "rm") or {}).get("status") != "completed":
+    if reward.model == "rm" and not completed(read_manifest(ctx.run_dir / "rm")):
         raise PipelineError(f"ppo.reward.model is rm, but the rm stage has not completed in {ctx.run_dir}: run it "
                             "first (--stage rm), or point ppo.reward.model at a reward model directory")
-    source = model_source(reward.model, ctx.config, ctx.run_dir)
+    source = ModelSource.named(reward.model, ctx.run_dir)
     log(f"{NAME}: rewards from {source.description}")
     cfg = ctx.config.ppo.trainer
     # The template's closing tokens are a handful; 64 leaves room for any chat template's.
@@ -113,10 +113,10 @@ def reward_function(ctx: StageContext, prompt_tokens: int, prompts: list[list[di
     return judge.score
 
 
-def run(ctx: StageContext) -> dict:
-    from pipeline.models import load_policy, load_tokenizer
+def run(ctx: StageContext) -> StageResult:
+    from pipeline.models import load_tokenizer
     from pipeline.render import prompt_ids
-    from stages import lm
+    from stages import hf_trainer
     from stages.ppo.model import check_vocabulary, critic_source
     from stages.ppo.trainer import train
 
@@ -130,12 +130,17 @@ def run(ctx: StageContext) -> dict:
     if ctx.init.adapter is not None:
         # The reference is the base with the adapters off (or a copy of it), so the starting policy must be in the
         # base weights.
-        merged = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer)
-        base_dir = lm.save_merged_base(ctx, merged, tokenizer)
+        merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged
     critic = critic_source(ctx.config, ctx.run_dir, base_dir)
-    ctx.record(critic_init=critic.to_dict() if critic else None)
     metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts),
                **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn, critic)}
-    ctx.record(base_model=str(base_dir))  # the weights final/ (as an adapter) applies to, for the stages after this one
-    return metrics
+    # base_model: the weights final/ (as an adapter) applies to, for the stages after this one.
+    return StageResult(metrics, {"base_model": str(base_dir), "critic_init": critic.to_dict() if critic else None})
+
+
+def evaluate_saved(ctx: StageContext, result: StageResult) -> dict:
+    """The saved policy against the one ppo started from, on evaluation.prompts."""
+    from stages.evaluate import compare_saved
+
+    return compare_saved(ctx, Path(result.manifest["base_model"]))

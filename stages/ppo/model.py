@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import STAGE_ORDER, RunConfig
+from pipeline.config import REGISTRY, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError, PipelineError
 
@@ -112,11 +112,6 @@ class ActorCritic(nn.Module):
         return output.logits[:, :-1]
 
 
-def zero3_sharded(params) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds these parameters in slices across processes (its parameters carry ds_status)."""
-    return any(hasattr(p, "ds_status") for p in params)
-
-
 def actor_peft_config(config: RunConfig):
     """The actor's adapter config from `peft` (None: full fine-tuning); refuses what PPO cannot train."""
     from pipeline.models import peft_config_for
@@ -146,8 +141,8 @@ def check_critic(config: RunConfig) -> None:
     spec = config.ppo.critic
     if spec is None:
         return
-    if spec in STAGE_ORDER:
-        if spec in ("preferences", "ppo"):
+    if spec in REGISTRY:
+        if REGISTRY[spec].output == "pairs" or spec == "ppo":  # data, or the critic's own stage
             raise ConfigError(f"ppo.critic '{spec}': that stage makes no model to start a critic from; name cpt, sft, "
                               "rm or dpo, a built-in model, or a model directory")
         return
@@ -157,20 +152,14 @@ def check_critic(config: RunConfig) -> None:
 def critic_source(config: RunConfig, run_dir: Path | None, base_dir: Path | None) -> ModelSource | None:
     """Where a separate critic starts from: ppo.critic (a stage of this run, a built-in name, a model or adapter
     directory), or under full fine-tuning by default the starting policy at `base_dir`; None for the shared critic."""
-    from pipeline.models import resolve_model_path
-
     spec = config.ppo.critic
     if spec is None:
         return ModelSource(base_dir, None, "a copy of the starting policy") if config.peft.method == "full" else None
-    if spec in STAGE_ORDER:
-        source = ModelSource.of_stage(run_dir / spec)
+    if spec in REGISTRY:  # the runner has checked that it completed
+        source = ModelSource.named(spec, run_dir)
         return ModelSource(source.base, source.adapter, f"the {spec} stage's result")
-    path = Path(spec).expanduser()
-    if (path / "adapter_config.json").exists():
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return ModelSource(resolve_model_path(base), path, f"the adapter {path}")
     try:
-        return ModelSource(resolve_model_path(spec), None, f"the model {spec}")
+        return ModelSource.named(spec, run_dir)
     except ConfigError:
         raise ConfigError(f"ppo.critic '{spec}' is neither a stage of this run (cpt, sft, rm, dpo), a built-in "
                           "model, nor a model or adapter directory") from None

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import PPOTrainerConfig
+from pipeline.distributed import zero3_sharded
 from pipeline.errors import PipelineError
 from pipeline.render import prompt_ids
 from stages.ppo.losses import logprobs_from_logits
-from stages.ppo.model import ACTOR, ActorCritic, zero3_sharded
+from stages.ppo.model import ACTOR, ActorCritic
 
 # (prompt messages, response texts) -> one score per response
 RewardFunction = Callable[[list[list[dict]], list[str]], list[float]]

@@ -20,17 +20,16 @@ import torch
 
 from pipeline.artifacts import COMPLETE_MARKER
 from pipeline.context import ModelSource, StageContext
+from pipeline.distributed import gathered, is_main_process
 from pipeline.log import log, track
-from stages import lm
+from stages import hf_trainer
 from stages.ppo import losses
 from stages.ppo.model import (
-    ACTOR,
     ActorCritic,
     build,
     register_checkpoint_hooks,
     save_critic,
     save_policy,
-    zero3_sharded,
 )
 from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
 
@@ -108,7 +107,7 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer, critic: ModelSource | No
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
         accelerator.load_state(str(ctx.resume_from))
-    if accelerator.is_main_process:
+    if is_main_process():
         for name in ("metrics.jsonl", "samples.jsonl"):
             _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
     return accelerator, module, optimizer, progress
@@ -122,7 +121,7 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
     actor = accelerator.unwrap_model(module)  # sampling and saving use the plain module
     metrics = {}
     if ctx.resume_from is None and eval_prompts:
-        ctx.record({"eval/score_mean_before": evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
+        ctx.record({"eval/score_mean_before": mean_score(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)})
     log(f"{ctx.name}: {cfg.max_steps} iterations of {cfg.rollout_batch_size} prompts from {len(prompts)}; "
         f"reference = {ctx.init.description}; critic = {critic.description if critic else 'an adapter on it'}")
     generator = torch.Generator()
@@ -163,24 +162,19 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
             "ppo/missing_eos_fraction": per_sample[:, 4].mean().item(),
             "ppo/tokens_per_s": per_sample[:, 3].sum().item() / (time.perf_counter() - started),
         }
-        if accelerator.is_main_process:
+        if is_main_process():
             _report(ctx, progress.step, last, batch, raw_scores, rewards.sum(1))
         # 8. Checkpoint: a complete one is the only kind a resume will ever pick.
         if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
             _checkpoint(accelerator, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
 
     if eval_prompts:
-        metrics["eval/score_mean"] = evaluate(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
+        metrics["eval/score_mean"] = mean_score(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
     with gathered(actor.trainable_parameters):
-        if accelerator.is_main_process:
-            lm.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
-            lm.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
+        if is_main_process():
+            hf_trainer.save_atomic(lambda out: save_policy(actor, tokenizer, out), ctx.final_dir)
+            hf_trainer.save_atomic(lambda out: save_critic(actor, tokenizer, out), ctx.stage_dir / "critic")
     accelerator.wait_for_everyone()
-    if config.evaluation.prompts and not config.distributed.enabled:  # launched: the runner evaluates
-        from stages.evaluate import compare_with_start
-
-        actor.use(ACTOR)  # the policy; with the adapters off (or as the frozen reference), the starting policy
-        metrics.update(compare_with_start(ctx, actor.policy, tokenizer, actor.reference))
     accelerator.end_training()
     return {**metrics, **{k: last[k] for k in ("ppo/reward_mean", "ppo/score_mean", "ppo/kl") if k in last},
             "train/steps": progress.step}
@@ -205,7 +199,7 @@ def _report(ctx: StageContext, step: int, metrics: dict, batch: Rollout, raw_sco
 
 
 @torch.no_grad()
-def evaluate(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
+def mean_score(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardFunction, cfg, seed: int) -> float:
     """Mean score of responses sampled (with a fixed seed, as in training) for the held-out prompts."""
     total = 0.0
     for first in track(range(0, len(prompts), cfg.rollout_batch_size), "scoring held-out prompts"):
@@ -218,12 +212,12 @@ def _checkpoint(accelerator, path: Path) -> None:
     """Save to a temporary name, rename, then write the COMPLETE marker: a kill at any point leaves either no
     checkpoint-N or a whole one."""
     staging = path.with_name(f".{path.name}.tmp")
-    if accelerator.is_main_process:
+    if is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if is_main_process():
         os.replace(staging, path)
         (path / COMPLETE_MARKER).write_text(f"{path.name}\n")
     accelerator.wait_for_everyone()
@@ -232,7 +226,7 @@ def _checkpoint(accelerator, path: Path) -> None:
 def _deepspeed(ctx: StageContext, module):
     """The DeepSpeed plugin for distributed.deepspeed: each mini-batch is one optimiser step, its gradients averaged
     over the processes; clipping is DeepSpeed's. None without DeepSpeed."""
-    from pipeline.launch import deepspeed_plugin
+    from pipeline.distributed import deepspeed_plugin
 
     cfg = ctx.config.ppo.trainer
     plugin = deepspeed_plugin(ctx.config.distributed, cfg.mini_batch_size, module.policy.config.hidden_size,
@@ -240,18 +234,6 @@ def _deepspeed(ctx: StageContext, module):
     if plugin is not None:
         plugin.deepspeed_config["zero_allow_untested_optimizer"] = True  # torch's AdamW over adapters and value head
     return plugin
-
-
-def gathered(params):
-    """Under ZeRO-3 each process holds a slice of every parameter: gather `params` whole (every process must enter)
-    for reading or saving them; otherwise nothing to do."""
-    import contextlib
-
-    if not zero3_sharded(params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _append(path: Path, record: dict) -> None:

@@ -95,6 +95,8 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
         assert manifest["deepspeed"].endswith(f"{zero}.json")
         _assert_trained_adapter(run_dir / stage / "final")
     assert _manifest(run_dir, "sft")["metrics"]["eval/loss"] < _manifest(run_dir, "sft")["metrics"]["eval/loss_before"]
+    # sft's held-out prompts are answered on its saved result, as without DeepSpeed.
+    assert _manifest(run_dir, "sft")["metrics"]["eval/references"] > 0
     _assert_trained_adapter(run_dir / "ppo" / "critic")  # the critic adapter and the value head
     # dpo and ppo are compared with their starting policy by the runner, on the saved results.
     for stage in ("dpo", "ppo"):

@@ -184,7 +184,6 @@ def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
     from pipeline.config import ModelConfig, load_config
     from pipeline.context import ModelSource
     from pipeline.models import load_causal_lm, load_policy, load_tokenizer
-    from reward.build import model_source
     from reward.rm_judge import RewardModelJudge
 
     # The reference (ppo's base, adapters off) is exactly the sft policy.
@@ -198,7 +197,7 @@ def test_from_sft_with_the_reward_from_the_rm_stage(tmp_path, one_thread):
         actual = load_causal_lm(run_dir / "ppo" / "base", model_cfg, tokenizer).eval()(input_ids=ids).logits
     assert (expected - actual).abs().max().item() < 1e-5
     # The scores are the reward model's: the rm judge gives the same numbers for the same conversations.
-    source = model_source("rm", load_config(SMOKE), run_dir)
+    source = ModelSource.named("rm", run_dir)
     judge = RewardModelJudge.from_path(source.base, model_cfg, adapter=source.adapter)
     [table] = read_jsonl(run_dir / "ppo" / "samples.jsonl")
     scores = judge.score([row["prompt"] for row in table["samples"]], [row["response"] for row in table["samples"]])

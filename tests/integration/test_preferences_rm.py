@@ -80,7 +80,7 @@ def test_shipped_pairs_then_rm(tmp_path):
     from pipeline.config import ModelConfig
     from pipeline.models import load_reward_model, load_tokenizer
     from reward.rm_judge import RewardModelJudge
-    from stages.rm import evaluate, load
+    from stages.rm import load, score_pairs
 
     base = stages["rm"]["base_model"]
     tokenizer = load_tokenizer(ModelConfig("tiny-random-smollm2"), base)
@@ -88,7 +88,7 @@ def test_shipped_pairs_then_rm(tmp_path):
     from pipeline.config import load_config
 
     _, held_out = load(load_config(SMOKE), run_dir / "preferences" / "final")
-    assert evaluate(model, tokenizer, held_out, 8, 256)["accuracy"] == pytest.approx(rm_metrics["rm/eval_accuracy"])
+    assert score_pairs(model, tokenizer, held_out, 8, 256)["accuracy"] == pytest.approx(rm_metrics["rm/eval_accuracy"])
     assert isinstance(RewardModelJudge(model, tokenizer).score([held_out[0].prompt], [held_out[0].chosen])[0], float)
 
     again = run_pipeline("run", "--config", SMOKE, "--run-dir", str(run_dir), "--stage", "preferences", "--stage", "rm")

@@ -15,7 +15,7 @@ from pipeline.artifacts import (
 )
 from pipeline.errors import PipelineError
 from pipeline.lock import RunLock
-from pipeline.runner import stage_status
+from pipeline.artifacts import stage_status
 
 
 def make_checkpoint(root: Path, step: int, complete: bool = True) -> Path:

@@ -11,7 +11,7 @@ from pipeline.config import PEFT_METHODS, RunConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.models import peft_config_for
 from pipeline.runner import preflight, selected_stages
-from stages.lm import MANAGED_KEYS, trainer_args
+from stages.hf_trainer import MANAGED_KEYS, trainer_args
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -464,3 +464,22 @@ def test_evaluation_takes_more_judges_each_checked(tmp_path, in_repo):
         load_config(write_config(tmp_path, minimal(evaluation={"judges": [{"type": "llm"}, {"type": "rule"}]})))
     with pytest.raises(ConfigError, match=r"evaluation.judge.type 'human_file' must be one of"):
         load_config(write_config(tmp_path, minimal(evaluation={"judge": {"type": "human_file", "path": "x"}})))
+
+
+def test_every_registered_stage_has_its_section_and_module():
+    """A stage is one registry entry plus its module: the entry's section class is the RunConfig field of its name,
+    its trainer config resolves, and stages/ has a module with the stage interface."""
+    import dataclasses
+
+    from pipeline.config import REGISTRY
+    from stages import STAGES
+
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, stage in REGISTRY.items():
+        assert isinstance(getattr(RunConfig(), name), stage.section), name
+        assert stage.trainer is None or dataclasses.is_dataclass(stage.trainer_config()), name
+        assert all(callable(getattr(STAGES[name], f, None)) for f in ("check", "data_files", "uses_model", "run"))
+        assert stage.data_from is None or list(REGISTRY).index(stage.data_from) < list(REGISTRY).index(name)
+    stage_fields = [name for name, f in fields.items() if any(f.type in (s.section, s.section.__name__)
+                                                              for s in REGISTRY.values())]
+    assert stage_fields == list(REGISTRY)  # RunConfig's sections come in pipeline order, as config.yaml shows them

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.join import announced, current_run_id, follow
+from pipeline.join import follow
+from pipeline.launch import announced, current_run_id
 
 
 def _two_machines():
