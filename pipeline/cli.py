@@ -152,7 +152,7 @@ def cmd_label(args) -> int:
                             "run `python -m pipeline run --stage preferences` first")
     _check_judge_is_human(run_dir)
     from pipeline.lock import RunLock
-    from reward.annotators import read_votes, settled_for
+    from reward.annotators import consensus, read_votes, settled_for
     from reward.build import human_labels_path
     from reward.importers import load_pairs
     from reward.interactive import label_interactively
@@ -169,9 +169,13 @@ def cmd_label(args) -> int:
         settled = settled_for(args.judge_name, pairs, read_votes(run_dir), judge.overlap, judge.disagreement)
         with LabelStore(human_labels_path(run_dir)) as store:
             session = label_interactively(pairs, store, args.judge_name, settled=settled)
+    others = len(consensus(pairs, read_votes(run_dir), judge.overlap, judge.disagreement).pending)
     if session.remaining:
         console.print(f"{session.remaining} of {len(pairs)} pairs still unlabelled; continue with "
                       f"`python -m pipeline label --run-dir {run_dir}`", markup=False)
+    elif others:
+        console.print(f"{others} of {len(pairs)} pairs wait for another person's label (preferences.judge.overlap, "
+                      f"or a split to break): `python -m pipeline label --run-dir {run_dir} --web`", markup=False)
     else:
         console.print(f"all {len(pairs)} pairs labelled; run `python -m pipeline run` to continue", markup=False)
     return 0

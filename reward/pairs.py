@@ -2,8 +2,9 @@
 
 A `Pair` is two responses to one prompt; its id hashes the three, so the same pair sampled again gets the same id.
 A `LabelStore` is an append-only JSONL file of `Label`s, synced to disk after every label: a crash loses at most the
-label being written (a person's undo cuts their newest label off the end, the one change that is not an append), and a re-run asks the judge only about pairs not yet labelled (a label is never asked twice,
-which matters when the judge is a person or a paid API).
+label being written, and a re-run asks the judge only about pairs not yet labelled (a label is never asked twice,
+which matters when the judge is a person or a paid API). The one change that is not an append is a person's undo,
+which cuts their newest label off the end.
 """
 
 from __future__ import annotations
