@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from playwright.sync_api import expect, sync_playwright
 
 from pipeline.config import load_config
 from reward.agreement import fleiss_kappa
@@ -71,8 +72,6 @@ def label_server(run_dir: Path, host: str = "127.0.0.1"):
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         yield browser
@@ -89,8 +88,8 @@ def open_page(browser, url: str):
 
 
 def wait_progress(page, text: str) -> None:
-    page.wait_for_function("text => document.getElementById('progress').textContent.includes(text)", arg=text,
-                           timeout=10_000)
+    # Locator assertions, not wait_for_function: the page's Content-Security-Policy forbids the eval that needs.
+    expect(page.locator("#progress")).to_contain_text(text, timeout=10_000)
 
 
 def store_of(run_dir: Path, name: str) -> dict[str, str]:
@@ -143,7 +142,7 @@ def test_label_reload_continue_undo_then_the_stage_goes_on(browser, tmp_path):
         page.keyboard.press("b")
         wait_progress(page, "3 labelled by you")
         page.keyboard.press("s")  # skipped: the last pair comes back at once, being the only one left
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('skipped')")
+        expect(page.locator("#status")).to_contain_text("skipped")
         assert page.text_content("#response-a") == pairs[3].response_a
         page.keyboard.press("a")
         page.wait_for_selector("#done:not([hidden])")
