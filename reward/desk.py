@@ -149,7 +149,8 @@ class Desk:
         history = self._history.get(name)
         kind, pair_id = history.pop() if history else ("label", None)
         if kind == "skip":
-            self._skipped[name].remove(pair_id)
+            if pair_id in self._skipped[name]:  # a pair skipped twice is in the list once
+                self._skipped[name].remove(pair_id)
         else:
             store = self._store(name)
             removed = store.remove_last()

@@ -132,7 +132,7 @@ def test_label_reload_continue_undo_then_the_stage_goes_on(browser, tmp_path):
         wait_progress(page, "2 labelled by you")
         assert page.text_content("#response-a") == pairs[2].response_a
         page.fill("#comment", "both vague")
-        page.click("body")  # leave the comment box: keys label again
+        page.keyboard.press("Escape")  # leave the comment box: keys label again
         page.keyboard.press("t")
         wait_progress(page, "3 labelled by you")
         page.keyboard.press("u")  # undo: the pair comes back, and off the disk

@@ -156,12 +156,23 @@ def test_skip_comes_back_last_and_undo_takes_back_the_last_answer(tmp_path):
     desk.answer("alice", desk.next_pair("alice").id, "tie")
     assert desk.next_pair("alice").id == pairs[0].id  # the skipped one, after the others
     assert desk.progress("alice") == Progress(total=3, decided=2, mine=2, left_for_me=1, held_by_others=0)
+
     desk.close()
 
     restarted = Desk(tmp_path, pairs, 0.0, "majority")  # no history in memory: undo takes the newest stored label
     assert restarted.undo("alice") == pairs[2].id and restarted.undo("alice") == pairs[1].id
     assert restarted.undo("alice") is None
     restarted.close()
+
+
+def test_undo_walks_back_through_skips_and_labels(tmp_path):
+    pairs = make_pairs(2)
+    desk = Desk(tmp_path, pairs, 0.0, "majority")
+    for pair, choice in ((pairs[0], "skip"), (pairs[1], "a"), (pairs[0], "skip")):  # the same pair skipped twice
+        desk.answer("alice", pair.id, choice)
+    assert [desk.undo("alice") for _ in range(4)] == [pairs[0].id, pairs[1].id, pairs[0].id, None]
+    assert desk.next_pair("alice").id == pairs[0].id and desk.progress("alice").mine == 0
+    desk.close()
 
 
 @pytest.mark.parametrize("name, pair_id, choice, comment, message", [
