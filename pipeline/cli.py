@@ -1,5 +1,5 @@
-"""python -m pipeline: run, plan, status, validate, label (a person labels preference pairs in the terminal), report,
-join (the other machines of a multi-machine run)."""
+"""python -m pipeline: run, plan, status, validate, label (people label preference pairs, in the terminal or on a
+web page), report, join (the other machines of a multi-machine run)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help='print {"stages": {name: {...}}}')
     validate = commands.add_parser("validate", help="preflight without training: data, tokenizer, lengths, PEFT")
     _config_args(validate)
-    label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal")
+    label = commands.add_parser("label", help="label the preferences stage's pairs yourself, in the terminal, or "
+                                              "several people on a web page (--web)")
     label.add_argument("--run-dir", required=True)
     label.add_argument("--judge-name", default="human", help="recorded in every label as its judge (default: human)")
+    label.add_argument("--web", action="store_true", help="serve a labelling page for several annotators instead "
+                                                          "(until Ctrl-C)")
+    label.add_argument("--host", default="127.0.0.1", help="--web: the address to listen on (default: 127.0.0.1, "
+                                                           "this machine only; any other needs the printed token)")
+    label.add_argument("--port", type=int, default=8765, help="--web: the port (default: 8765; 0: any free port)")
     report = commands.add_parser("report", help="write <run-dir>/report.md and report.html (plots, numbers, samples)")
     report.add_argument("--run-dir", required=True)
     join = commands.add_parser("join", help="on machine 1, 2...: run this machine's part of every stage machine 0's "
@@ -131,6 +137,14 @@ def _check_judge_is_human(run_dir: Path) -> None:
                             "by hand")
 
 
+def _human_judge(run_dir: Path):
+    """The run's preferences.judge (its overlap and disagreement rule), from the resolved config `run` wrote."""
+    from pipeline.config import JudgeConfig
+
+    config_path = run_dir / "config.yaml"
+    return load_config(config_path).preferences.judge if config_path.exists() else JudgeConfig()
+
+
 def cmd_label(args) -> int:
     run_dir = Path(args.run_dir)
     pairs_path = run_dir / "preferences" / "pairs.jsonl"
@@ -139,18 +153,30 @@ def cmd_label(args) -> int:
                             "run `python -m pipeline run --stage preferences` first")
     _check_judge_is_human(run_dir)
     from pipeline.lock import RunLock
+    from reward.annotators import consensus, read_votes, settled_for
     from reward.build import human_labels_path
     from reward.importers import load_pairs
     from reward.interactive import label_interactively
     from reward.pairs import LabelStore
 
+    judge = _human_judge(run_dir)
     # The lock keeps a running pipeline (whose stage may be labelling too) from writing the same label file.
-    with RunLock(run_dir), LabelStore(human_labels_path(run_dir)) as store:
+    with RunLock(run_dir):
         pairs = load_pairs(pairs_path)  # read under the lock: the stage rewrites the file when it runs again
-        session = label_interactively(pairs, store, args.judge_name)
+        if args.web:
+            from reward.web_label import label_on_the_web
+
+            return label_on_the_web(run_dir, pairs, judge, args.host, args.port)
+        settled = settled_for(args.judge_name, pairs, read_votes(run_dir), judge.overlap, judge.disagreement)
+        with LabelStore(human_labels_path(run_dir)) as store:
+            session = label_interactively(pairs, store, args.judge_name, settled=settled)
+    others = len(consensus(pairs, read_votes(run_dir), judge.overlap, judge.disagreement).pending)
     if session.remaining:
         console.print(f"{session.remaining} of {len(pairs)} pairs still unlabelled; continue with "
                       f"`python -m pipeline label --run-dir {run_dir}`", markup=False)
+    elif others:
+        console.print(f"{others} of {len(pairs)} pairs wait for another person's label (preferences.judge.overlap, "
+                      f"or a split to break): `python -m pipeline label --run-dir {run_dir} --web`", markup=False)
     else:
         console.print(f"all {len(pairs)} pairs labelled; run `python -m pipeline run` to continue", markup=False)
     return 0

@@ -133,9 +133,10 @@ class SamplingConfig:
 @dataclass
 class JudgeConfig:
     type: str = "human"
-    """human (in the terminal), human_file, llm, contrastive, api, rule or reward_model: swapping a person for an AI
-    is this key. contrastive: a local LM's likelihood of each response when told to follow the rubric minus when
-    told to violate it (the AI judge that works on small models); llm: the same LM asked "A or B?"."""
+    """human (people, in the terminal or on `label --web`'s page), human_file, llm, contrastive, api, rule or
+    reward_model: swapping a person for an AI is this key. contrastive: a local LM's likelihood of each response
+    when told to follow the rubric minus when told to violate it (the AI judge that works on small models); llm: the
+    same LM asked "A or B?"."""
     path: str | None = None
     """human_file: the labels file ({prompt, response_a, response_b, winner} or {pair_id, winner} per line)."""
     function: str | None = None
@@ -170,11 +171,17 @@ class JudgeConfig:
     tie_margin: float = 0.0
     """llm, contrastive, reward_model: score differences up to this are ties (llm: half the log-odds difference
     of the two orders)."""
+    overlap: float = 0.0
+    """human: the share of pairs (0 to 1) that two annotators each label, to measure their agreement (Fleiss' κ)."""
+    disagreement: str = "majority"
+    """human: how annotators who disagree become one label: majority (a split asks one more annotator; a three-way
+    split is a tie) or drop (the pair is left out, counted)."""
 
 
+DISAGREEMENT_RULES = ("majority", "drop")
 # Which judge type uses which of the optional JudgeConfig keys (the rest are shared).
 JUDGE_KEYS = {
-    "human": (), "human_file": ("path",), "rule": ("function",),
+    "human": ("overlap", "disagreement"), "human_file": ("path",), "rule": ("function",),
     "llm": ("model", "rubric", "principles", "max_length", "tie_margin"),
     "contrastive": ("model", "rubric", "principles", "violation", "length_norm", "max_length", "tie_margin"),
     "api": ("model", "base_url", "api_key_env", "rubric", "principles", "max_concurrency", "max_retries", "timeout"),
@@ -578,6 +585,11 @@ def _check_judge_values(judge: JudgeConfig, where: str) -> None:
                           f"{suggest(judge.length_norm, ('sum', 'mean'))}")
     if judge.tie_margin < 0:
         raise ConfigError(f"{where}.tie_margin must be >= 0, got {judge.tie_margin}")
+    if not 0 <= judge.overlap <= 1:
+        raise ConfigError(f"{where}.overlap must be a share between 0 and 1, got {judge.overlap}")
+    if judge.disagreement not in DISAGREEMENT_RULES:
+        raise ConfigError(f"{where}.disagreement must be majority or drop, got {judge.disagreement!r}"
+                          f"{suggest(judge.disagreement, DISAGREEMENT_RULES)}")
 
 
 def _check_preferences(config: RunConfig) -> None:

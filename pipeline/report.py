@@ -347,7 +347,24 @@ def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | 
                    "(Cohen's κ corrects for chance agreement over a / b / tie):",
                    Table(["agreement", "value"], [[k, _num(v, 3)] for k, v in values.items()]),
                    Plot("judge agreement", plots.agreement({k: v for k, v in values.items() if v is not None}))]
+    blocks += annotator_blocks(read_json(run_dir / stage.name / "final" / "annotators.json"), m)
     return Section("Preference labels and judge agreement", blocks)
+
+
+def annotator_blocks(annotators: dict | None, m: dict) -> list:
+    """Between the people who labelled (label --web), on the pairs several of them labelled: all of them, then
+    each two."""
+    if not annotators:
+        return []
+    rows = [["all annotators (Fleiss' κ)", str(annotators["pairs"]), _pct(annotators["raw"]),
+             _num(annotators["kappa"], 3)]]
+    rows += [[" & ".join(p["annotators"]) + " (Cohen's κ)", str(p["pairs"]), _pct(p["raw"]), _num(p["kappa"], 3)]
+             for p in annotators["pairwise"]]
+    dropped = m.get("annotators/dropped_disagreements") or 0
+    return [f"Agreement between the {len(annotators['annotators'])} annotators ({', '.join(annotators['annotators'])}) "
+            f"on the pairs more than one labelled (overlap {_pct(annotators['overlap'])} of pairs; disagreements: "
+            f"{annotators['disagreement']}{f', {dropped} pairs dropped' if dropped else ''}):",
+            Table(["annotators", "pairs", "all agree", "κ"], rows)]
 
 
 def samples_section(stages: list[Stage], run_dir: Path) -> Section | None:

@@ -138,6 +138,8 @@ def headline(metrics: dict) -> str:
         parts.append(f"{metrics['preferences/rows']} pairs, {metrics['preferences/ties']} ties")
     if metrics.get("agreement/raw") is not None:
         parts.append(f"agreement {metrics['agreement/raw']:.0%}, κ {_fmt(metrics.get('agreement/kappa'))}")
+    if metrics.get("annotators/raw") is not None:
+        parts.append(f"annotators agree {metrics['annotators/raw']:.0%}, κ {_fmt(metrics.get('annotators/kappa'))}")
     if metrics.get("rm/eval_accuracy") is not None:
         f1 = metrics.get("rm/eval_f1")  # absent from runs made before rm measured it
         parts.append(f"held-out accuracy {_fmt(metrics.get('rm/eval_accuracy_before'))} → "

@@ -2,8 +2,10 @@
 
 Only pairs both sources labelled count. Cohen's kappa corrects raw agreement for what two judges with the same
 label frequencies would reach by chance, over the three classes a, b and tie. The order-flip rate is how often a
-judge that saw both orders answered differently in each: a judge that flips often is reading positions. Reliability is whether a judge's confidence comes true: of the pairs
-it was 80% sure of, did it pick the reference's winner 80% of the time?
+judge that saw both orders answered differently in each: a judge that flips often is reading positions. Between
+several people (reward.annotators), Fleiss' kappa does the same over any number of raters per pair. Reliability
+is whether a judge's confidence comes true: of the pairs it was 80% sure of, did it pick the reference's winner 80%
+of the time?
 """
 
 from __future__ import annotations
@@ -67,6 +69,17 @@ def agreement(first: Iterable[Label], second: Iterable[Label]) -> Agreement:
         tie_rates=(a.count("tie") / n, b.count("tie") / n),
         order_flip_rates=(order_flip_rate(one[p] for p in shared), order_flip_rate(two[p] for p in shared)),
     )
+
+
+def fleiss_kappa(items: list[list[str]]) -> float | None:
+    """Fleiss' kappa of several raters over a/b/tie, each item rated by two or more of them (not necessarily the
+    same ones, nor the same number: each item's observed agreement is the share of its rater pairs that agree).
+    None when chance agreement is 1 (every rating one and the same class)."""
+    observed = sum(sum(n * (n - 1) for n in (ratings.count(c) for c in WINNERS)) / (len(ratings) * (len(ratings) - 1))
+                   for ratings in items) / len(items)
+    everything = [rating for ratings in items for rating in ratings]
+    chance = sum((everything.count(c) / len(everything)) ** 2 for c in WINNERS)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
 
 
 CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

@@ -9,7 +9,7 @@ response containing "[bold]" or "[/x]" is shown as written instead of being styl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -56,12 +56,16 @@ def ask(read: Callable[[str], str], console: Console) -> str:
 
 
 def label_interactively(pairs: list[Pair], store: LabelStore, judge_name: str = "human",
-                        read: Callable[[str], str] = input, console: Console | None = None) -> Session:
-    """Ask a person about every pair of `pairs` not yet in `store`, in order; each label is stored as it is given."""
+                        read: Callable[[str], str] = input, console: Console | None = None,
+                        settled: Collection[str] = ()) -> Session:
+    """Ask a person about every pair of `pairs` not yet in `store`, in order; each label is stored as it is given.
+    `settled`: ids of pairs not to ask about either (decided by other people's votes on the web page, or voted on
+    there by this person)."""
     console = console or default_console
     labelled = skipped = 0
     stopped = False
-    todo = [(number, pair) for number, pair in enumerate(pairs, 1) if not store.is_labelled(pair.id)]
+    todo = [(number, pair) for number, pair in enumerate(pairs, 1)
+            if not store.is_labelled(pair.id) and pair.id not in settled]
     remaining = len(todo)
     try:
         for number, pair in todo:

@@ -3,7 +3,8 @@
 A `Pair` is two responses to one prompt; its id hashes the three, so the same pair sampled again gets the same id.
 A `LabelStore` is an append-only JSONL file of `Label`s, synced to disk after every label: a crash loses at most the
 label being written, and a re-run asks the judge only about pairs not yet labelled (a label is never asked twice,
-which matters when the judge is a person or a paid API).
+which matters when the judge is a person or a paid API). The one change that is not an append is a person's undo,
+which cuts their newest label off the end.
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ def _label_from_record(path: Path, line: int, record: Any) -> Label:
 
 
 class LabelStore:
-    """Labels of one judging run, in a JSONL file that only ever grows. One writer at a time (the run lock)."""
+    """Labels of one judging run, in a JSONL file that grows, save for `remove_last`. One writer at a time (the run
+    lock)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._labels: dict[str, Label] = {}
+        self._labels: dict[str, Label] = {}  # in file order, so the last one is the newest
+        self._starts: dict[str, int] = {}  # pair id -> byte offset of its line, where `remove_last` cuts
         self._good_size = 0  # bytes of complete lines; anything after is a torn write to cut before appending
         self._needs_newline = False
         self._file = None
@@ -130,18 +133,18 @@ class LabelStore:
         *complete, tail = raw.split(b"\n")  # a write always ends with "\n", so `tail` is b"" unless torn
         offset = 0
         for number, line in enumerate(complete, 1):
+            self._add_line(number, line, offset, torn=False)
             offset += len(line) + 1
-            self._add_line(number, line, torn=False)
             self._good_size = offset
         if tail.strip():
             number = len(complete) + 1
-            if self._add_line(number, tail, torn=True):
+            if self._add_line(number, tail, offset, torn=True):
                 self._good_size, self._needs_newline = len(raw), True
             else:
                 log(f"warning: {self.path}:{number}: the last line is incomplete (the writer was interrupted) "
                     "and is ignored; that pair will be judged again", style="yellow", markup=False)
 
-    def _add_line(self, number: int, line: bytes, torn: bool) -> bool:
+    def _add_line(self, number: int, line: bytes, start: int, torn: bool) -> bool:
         """Parse one line; a torn last line reports False instead of raising."""
         if not line.strip():
             return True
@@ -156,6 +159,7 @@ class LabelStore:
             raise DataError(self.path, number, "pair_id", f"pair {label.pair_id} is labelled twice; a pair is "
                                                           "labelled once")
         self._labels[label.pair_id] = label
+        self._starts[label.pair_id] = start
         return True
 
     def is_labelled(self, pair_id: str) -> bool:
@@ -175,10 +179,28 @@ class LabelStore:
             raise ValueError(f"pair {label.pair_id} is already labelled in {self.path}")
         if self._file is None:
             self._open_for_append()
+        self._file.flush()  # the newline `_open_for_append` may have written belongs before this label's start
+        start = os.fstat(self._file.fileno()).st_size
         self._file.write(json.dumps(label.to_dict(), ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._labels[label.pair_id] = label
+        self._starts[label.pair_id] = start
+
+    def remove_last(self) -> Label | None:
+        """Take back the newest label (a person's undo), or return None when there is none. The file is cut back to
+        where that label's line starts and synced: a crash leaves it either whole or without that line, never torn."""
+        if not self._labels:
+            return None
+        if self._file is None:
+            self._open_for_append()
+        pair_id = next(reversed(self._labels))
+        self._file.flush()
+        os.ftruncate(self._file.fileno(), self._starts[pair_id])
+        os.fsync(self._file.fileno())
+        self._file.seek(0, os.SEEK_END)
+        del self._starts[pair_id]
+        return self._labels.pop(pair_id)
 
     def _open_for_append(self) -> None:
         created = not self.path.exists()

@@ -4,11 +4,13 @@
    policy for every prompt in `preferences.prompts` (every two responses of a prompt make a pair).
 2. Labels: the judge sees only pairs it has not labelled yet; each label is on disk as soon as it is given
    (`<run>/labels/<judge id>.jsonl`, see reward.build), so a crash or a quit loses none and asks none twice.
-   A person (`judge.type: human`) labels in the terminal; without one, the stage stops and says how to label.
+   People (`judge.type: human`) label in the terminal or on the page of `label --web`, some pairs twice
+   (`judge.overlap`, reward.annotators); while pairs wait for them, the stage stops and says how to label.
 3. Output: final/preferences.jsonl for rm and dpo; ties and unlabelled pairs are counted, never dropped silently;
-   with `compare_with`, how far the judge agrees with those (human) labels.
+   with `compare_with`, how far the judge agrees with those (human) labels; between annotators, their κ.
 
-Layout: pairs.jsonl (what is judged), samples.jsonl (sampling progress), final/{preferences,agreement}.jsonl|json.
+Layout: pairs.jsonl (what is judged), samples.jsonl (sampling progress),
+final/{preferences,agreement,annotators}.jsonl|json.
 """
 
 from __future__ import annotations
@@ -100,12 +102,12 @@ def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
     from reward.build import build_judge
 
     judge_cfg = ctx.config.preferences.judge
+    if judge_cfg.type == "human":
+        _label_by_people(ctx, pairs, store)
+        return
     todo = [pair for pair in pairs if not store.is_labelled(pair.id)]
     log(f"{NAME}: {len(pairs)} pairs, {len(pairs) - len(todo)} already labelled by this judge, {len(todo)} to label")
     if not todo:
-        return
-    if judge_cfg.type == "human":
-        _label_by_person(ctx, pairs, len(todo), store)
         return
 
     def on_label(label):
@@ -174,17 +176,56 @@ def _on_processes(ctx: StageContext, model):
     return prepare_deepspeed(model, Accelerator(deepspeed_plugin=plugin))
 
 
-def _label_by_person(ctx: StageContext, pairs: list[Pair], todo: int, store: LabelStore) -> None:
+def _label_by_people(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
+    """Wait for people: in a terminal, ask about the pairs still waiting; otherwise stop, saying how to label."""
+    from reward.annotators import consensus, read_votes, settled_for
+    from reward.build import HUMAN
+
+    judge = ctx.config.preferences.judge
     resume = f"python -m pipeline label --run-dir {ctx.run_dir}"
+    waiting = consensus(pairs, read_votes(ctx.run_dir), judge.overlap, judge.disagreement).pending
+    log(f"{NAME}: {len(pairs)} pairs, {len(pairs) - len(waiting)} settled by people's labels, {len(waiting)} waiting")
+    if not waiting:
+        return
     if not sys.stdin.isatty():
-        raise AwaitingLabels(f"{todo} pairs wait for a person's labels: run `{resume}`, then run the "
-                             "pipeline again (or set preferences.judge.type to an AI judge)")
+        raise AwaitingLabels(f"{len(waiting)} pairs wait for people's labels: run `{resume}` (in the terminal) or "
+                             f"`{resume} --web` (a page for several annotators), then run the pipeline again (or "
+                             "set preferences.judge.type to an AI judge)")
     from reward.interactive import label_interactively
 
-    session = label_interactively(pairs, store)  # shows only the unlabelled ones, counting against them all
-    if session.remaining:
-        raise AwaitingLabels(f"{session.remaining} pairs still wait for labels; continue with `{resume}` "
-                             "or run the pipeline again")
+    votes = read_votes(ctx.run_dir)
+    label_interactively(pairs, store, settled=settled_for(HUMAN, pairs, votes, judge.overlap, judge.disagreement))
+    waiting = consensus(pairs, read_votes(ctx.run_dir), judge.overlap, judge.disagreement).pending
+    if waiting:
+        raise AwaitingLabels(f"{len(waiting)} pairs still wait for labels (a pair in preferences.judge.overlap "
+                             f"needs a second person); continue with `{resume}` or `{resume} --web`, then run the "
+                             "pipeline again")
+
+
+def _people(ctx: StageContext, pairs: list[Pair]) -> tuple[list, dict]:
+    """One label per pair from people's votes (reward.annotators), and how far the annotators agree."""
+    from reward.annotators import annotator_agreement, consensus, read_votes
+
+    judge = ctx.config.preferences.judge
+    votes = read_votes(ctx.run_dir)
+    result = consensus(pairs, votes, judge.overlap, judge.disagreement)
+    ids = {pair.id for pair in pairs}
+    agreement = annotator_agreement({pid: by_name for pid, by_name in votes.items() if pid in ids})
+    metrics = {"annotators/count": len({name for pid in ids for name in votes.get(pid, {})}),
+               "annotators/dropped_disagreements": result.dropped}
+    if agreement:
+        write_json_atomic(ctx.final_dir / "annotators.json", {**agreement, "overlap": judge.overlap,
+                                                             "disagreement": judge.disagreement})
+        metrics.update({"annotators/shared_pairs": agreement["pairs"], "annotators/raw": agreement["raw"],
+                        "annotators/kappa": agreement["kappa"]})
+        kappa = agreement["kappa"]
+        log(f"{NAME}: {len(agreement['annotators'])} annotators agree on {agreement['raw']:.1%} of the "
+            f"{agreement['pairs']} pairs several labelled (Fleiss' kappa "
+            f"{kappa if kappa is None else round(kappa, 3)})")
+    if result.dropped:
+        warn(f"{NAME}: {result.dropped} pairs whose annotators disagreed are left out "
+             "(preferences.judge.disagreement: drop)")
+    return result.labels, metrics
 
 
 def _agreement(ctx: StageContext, pairs: list[Pair], labels: list) -> dict:
@@ -242,6 +283,10 @@ def run(ctx: StageContext) -> StageResult:
         if not in_processes:
             _label(ctx, pairs, store)
         labels = [store.get(pair.id) for pair in pairs if store.is_labelled(pair.id)]
+    ctx.final_dir.mkdir(parents=True, exist_ok=True)
+    if prefs.judge.type == "human":  # people's votes, the terminal's among them, become one label per pair
+        labels, people_metrics = _people(ctx, pairs)
+        metrics.update(people_metrics)
 
     # 3. Chosen/rejected rows, counts, agreement.
     rows, counts = preference_rows(pairs, labels)
@@ -251,7 +296,6 @@ def run(ctx: StageContext) -> StageResult:
     if not rows:
         warn(f"{NAME}: no pair got a winner ({counts.ties} ties, {counts.unlabelled} unlabelled): a judge that "
              "answers by position ties on every pair; there is nothing for rm or dpo to train on")
-    ctx.final_dir.mkdir(parents=True, exist_ok=True)
     write_preferences(ctx.final_dir / "preferences.jsonl", rows)
     flips = [label for label in labels if "ab" in label.verdicts and "ba" in label.verdicts]
     metrics.update({

@@ -148,3 +148,15 @@ def test_model_text_is_printed_literally(tmp_path):
         assert text in output
     assert "system:" in output and "user:" in output
     assert "Response A" in output and "Response B" in output
+
+
+def test_pairs_settled_elsewhere_are_not_asked(tmp_path):
+    """Pairs other people's votes decided on the web page (or this person voted on there) are passed over."""
+    pairs, path = make_pairs(3), tmp_path / "labels.jsonl"
+    file = io.StringIO()
+    script = Script(["a", "b"], file)
+    with LabelStore(path) as store:
+        result = label_interactively(pairs, store, read=script, settled={pairs[1].id},
+                                     console=Console(file=file, width=100, color_system=None))
+    assert shown_numbers(script) == [1, 3] and (result.labelled, result.remaining) == (2, 0)
+    assert [label.pair_id for label in LabelStore(path).labels()] == [pairs[0].id, pairs[2].id]
