@@ -20,16 +20,21 @@ def check_format(config: RunConfig, stage: str) -> None:
         raise ConfigError(f"{stage}.data.format '{fmt}' is not one of {', '.join(FORMATS)} (preference formats)")
 
 
+def prompt_key(row: PreferenceRow) -> str:
+    """One prompt's identity across files: its messages, serialised the same way whatever their key order."""
+    return json.dumps(row.prompt, sort_keys=True)
+
+
 def split_by_prompt(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a seeded fraction of the prompts with all their pairs (pairs of one prompt share most tokens, so
     splitting pairs would test on prompts the model trained on)."""
-    keys = sorted({json.dumps(row.prompt, sort_keys=True) for row in rows})
+    keys = sorted({prompt_key(row) for row in rows})
     if fraction <= 0 or len(keys) < 2:
         return rows, []
     random.Random(seed).shuffle(keys)
     held = set(keys[: max(1, round(len(keys) * fraction))])
-    train = [row for row in rows if json.dumps(row.prompt, sort_keys=True) not in held]
-    return train, [row for row in rows if json.dumps(row.prompt, sort_keys=True) in held]
+    train = [row for row in rows if prompt_key(row) not in held]
+    return train, [row for row in rows if prompt_key(row) in held]
 
 
 def load_rows(config: RunConfig, stage: str, data_from: Path | None) -> tuple[list, list]:

@@ -48,11 +48,9 @@ def load_probes(config: RunConfig) -> dict[str, list[PreferenceRow]]:
 
 def check_probes_held_out(probes: dict, train_rows: list[PreferenceRow]) -> None:
     """A probe scored on prompts the model trained on would measure memory, not the cue it was built to test."""
-    import json
-
-    trained = {json.dumps(row.prompt, sort_keys=True) for row in train_rows}
+    trained = {preference_data.prompt_key(row) for row in train_rows}
     for name, rows in probes.items():
-        shared = sum(json.dumps(row.prompt, sort_keys=True) in trained for row in rows)
+        shared = sum(preference_data.prompt_key(row) in trained for row in rows)
         if shared:
             raise ConfigError(f"rm.data.probes.{name}: {shared} of its {len(rows)} prompts are among the training "
                               "pairs; a probe must be held out")
