@@ -153,6 +153,9 @@ class JudgeConfig:
     asked)."""
     principles: list = field(default_factory=list)
     """llm, contrastive, api: a list of principles (a constitution) to judge by, instead of a rubric."""
+    follow: str | None = None
+    """contrastive: the instruction a response that follows the rubric follows, word for word (default: "Write the
+    response that best follows this guidance." and the rubric); wording matters to a small model: README, the judges."""
     violation: str | None = None
     """contrastive: the instruction a response that violates the rubric follows (default: "go against" the rubric);
     small models follow a direct wording ("give a vague answer with no figures") better than a negation."""
@@ -183,7 +186,7 @@ DISAGREEMENT_RULES = ("majority", "drop")
 JUDGE_KEYS = {
     "human": ("overlap", "disagreement"), "human_file": ("path",), "rule": ("function",),
     "llm": ("model", "rubric", "principles", "max_length", "tie_margin"),
-    "contrastive": ("model", "rubric", "principles", "violation", "length_norm", "max_length", "tie_margin"),
+    "contrastive": ("model", "rubric", "principles", "follow", "violation", "length_norm", "max_length", "tie_margin"),
     "api": ("model", "base_url", "api_key_env", "rubric", "principles", "max_concurrency", "max_retries", "timeout"),
     "reward_model": ("model", "max_length", "tie_margin"),
 }
@@ -675,7 +678,7 @@ def _check_reward_judge(reward: RewardSourceConfig, source) -> None:
 
 # What the preference is (the labeller's principle) rather than how one judge works: a config states it once for
 # whichever judge the `type` key picks, people included, so it is never "unused".
-PREFERENCE_KEYS = {"rubric", "principles", "violation"}
+PREFERENCE_KEYS = {"rubric", "principles", "follow", "violation"}
 
 
 def evaluation_judges(config: RunConfig) -> list[JudgeConfig]:

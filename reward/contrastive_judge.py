@@ -37,11 +37,12 @@ from reward.pairs import Label, Pair
 LENGTH_NORMS = ("sum", "mean")
 
 
-def instructions(rubric: str, violation: str | None = None) -> tuple[str, str]:
-    """The two system messages: one asking for what `rubric` prefers, one for the opposite. `violation`, when
-    given, is the second one's own wording (a small model follows "write a vague answer" better than "do the
-    opposite of: write a specific answer")."""
-    follow = f"Write the response that best follows this guidance. {rubric}"
+def instructions(rubric: str, violation: str | None = None, follow: str | None = None) -> tuple[str, str]:
+    """The two system messages: one asking for what `rubric` prefers, one for the opposite. `follow` and
+    `violation`, when given, are their own wordings, used as they are (a small model follows "write a vague answer"
+    better than "do the opposite of: write a specific answer", and a plain order better than one behind a preamble:
+    README, the judges)."""
+    follow = follow or f"Write the response that best follows this guidance. {rubric}"
     violate = violation or f"Write a response that goes against this guidance, doing the opposite of what it asks. {rubric}"
     return follow, violate
 
@@ -58,7 +59,7 @@ class ContrastiveJudge:
     both responses of its pair are scored."""
 
     def __init__(self, model, tokenizer, rubric: str | None = None, principles: list[str] | None = None,
-                 violation: str | None = None, length_norm: str = "sum", batch_size: int = 8,
+                 violation: str | None = None, follow: str | None = None, length_norm: str = "sum", batch_size: int = 8,
                  max_length: int = 1024, tie_margin: float = 0.0, name: str = "contrastive",
                  on_label: Callable[[Label], None] | None = None):
         if length_norm not in LENGTH_NORMS:
@@ -69,7 +70,7 @@ class ContrastiveJudge:
                               f"got {batch_size}, {max_length} and {tie_margin}")
         self.model, self.tokenizer = model, tokenizer
         self.follow, self.violate = instructions(constitution(principles) if principles else rubric or DEFAULT_RUBRIC,
-                                                 violation)
+                                                 violation, follow)
         self.length_norm, self.batch_size, self.max_length = length_norm, batch_size, max_length
         self.tie_margin, self.name, self.on_label = tie_margin, name, on_label
         self.too_long = 0

@@ -1,6 +1,7 @@
 """After dpo or ppo: the new policy against the one it started from, on held-out prompts (`evaluation:`).
 
-1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py).
+1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py). The starting policy's
+   responses are sampled once per run and shared by every stage that starts from it (start_samples_file).
 2. Win rate: the configured judge (default: this run's reward model), and each of `evaluation.judges`, compares
    each new response with the starting policy's response to the same prompt; a tie counts half; 95% Wilson interval.
 3. KL to the start: the mean over the new policy's own responses of sum_t log pi_new(y_t) - log pi_start(y_t), a
@@ -16,6 +17,7 @@ the base the adapter was trained on, which is exactly what dpo and ppo were held
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -55,15 +57,33 @@ def response_logprobs(model, tokenizer, prompts: list[list[dict]], responses: li
     return totals
 
 
-def _sample(model, tokenizer, prompts, ctx: StageContext, name: str) -> list[str]:
+def _sampling(ctx: StageContext) -> SamplingConfig:
+    evaluation = ctx.config.evaluation
+    return SamplingConfig(num_responses=1, max_new_tokens=evaluation.max_new_tokens,
+                          temperature=evaluation.temperature, batch_size=evaluation.batch_size)
+
+
+def _sample(model, tokenizer, prompts, ctx: StageContext, progress_file: Path) -> list[str]:
     from stages.generate import sample_responses
 
-    evaluation = ctx.config.evaluation
-    sampling = SamplingConfig(num_responses=1, max_new_tokens=evaluation.max_new_tokens,
-                              temperature=evaluation.temperature, batch_size=evaluation.batch_size)
-    samples = sample_responses(model, tokenizer, prompts, sampling, ctx.config.seed,
-                               ctx.stage_dir / f"eval_{name}_samples.progress.jsonl")
+    samples = sample_responses(model, tokenizer, prompts, _sampling(ctx), ctx.config.seed, progress_file)
     return [responses[0] for responses in samples.responses]
+
+
+def start_samples_file(ctx: StageContext, prompts: list[list[dict]]) -> Path:
+    """Where the starting policy's responses to the evaluation prompts are kept. Every stage that starts from the
+    same policy (dpo, ppo and the other policy stages all start from sft) and is evaluated on the same prompts with
+    the same settings shares one file in the run directory: each is compared with the very same responses, and only
+    the first samples them. The key holds everything the responses depend on, so a retrained start, other prompts
+    or other settings sample afresh."""
+    from pipeline.artifacts import hash_config, hash_path
+
+    start = [str(ctx.init.base), hash_path(ctx.init.adapter) if ctx.init.adapter else None]
+    key = hash_config({"start": start, "prompts": prompts, "sampling": dataclasses.asdict(_sampling(ctx)),
+                       "seed": ctx.config.seed, "model": dataclasses.asdict(ctx.config.model)})
+    folder = (ctx.run_dir or ctx.stage_dir) / "eval_start_samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}.progress.jsonl"
 
 
 def compare_with_start(ctx: StageContext, model, tokenizer, start) -> dict:
@@ -81,8 +101,8 @@ def compare_with_start(ctx: StageContext, model, tokenizer, start) -> dict:
 
     # 1. Responses from both policies.
     log(f"{ctx.name}: evaluating on {len(prompts)} held-out prompts from {evaluation.prompts}")
-    new = _sample(model, tokenizer, prompts, ctx, "policy")
-    old = _sample(start, tokenizer, prompts, ctx, "start")
+    new = _sample(model, tokenizer, prompts, ctx, ctx.stage_dir / "eval_policy_samples.progress.jsonl")
+    old = _sample(start, tokenizer, prompts, ctx, start_samples_file(ctx, prompts))
     # 3. KL(new || start), estimated on the new policy's own responses.
     start_logp = response_logprobs(start, tokenizer, prompts, new, evaluation.batch_size)
     new_logp = response_logprobs(model, tokenizer, prompts, new, evaluation.batch_size)
@@ -155,7 +175,7 @@ def answer_references(ctx: StageContext, base_model: Path, conversations: list) 
     references = [c.messages[-1]["content"] for c in held_out]
     log(f"{ctx.name}: answering {len(prompts)} held-out prompts to compare with their reference answers")
     model, tokenizer = _saved_policy(ctx, base_model)
-    answers = _sample(model, tokenizer, prompts, ctx, "references")
+    answers = _sample(model, tokenizer, prompts, ctx, ctx.stage_dir / "eval_references_samples.progress.jsonl")
     overlap = text_overlap(answers, references)
     ctx.tracker.log_table("eval/samples", ["prompt", "reference", "answer"],
                           [[p[-1]["content"], r, a] for p, r, a in zip(prompts, references, answers)])

@@ -8,10 +8,10 @@ import pytest
 
 from conftest import REPO, run_pipeline
 
-# The contrastive judge's Cohen's kappa with the person on the first 24 shipped pairs, measured at 0.624 in bfloat16
-# (0.621 on the first 48, 0.598 on all 192: README, the judges); the floor catches a judge that stopped working, and
-# sits close under today's figure because the current pairs give the judge no surface cue to lean on.
-KAPPA_FLOOR = 0.6
+# The contrastive judge's Cohen's kappa with the person on the first 24 shipped pairs, measured at 0.745 in bfloat16
+# with the demo's follow/violation wording (0.795 on the first 48, 0.765 on all 192: README, the judges). The floor is
+# the target we set for the AI judge (issue 12); one more disagreement in 24 would fall under it.
+KAPPA_FLOOR = 0.7
 
 
 @pytest.mark.timeout(2700)  # six stages of a 135M model on two CPU cores: ~10 minutes, 30 when the cores are shared

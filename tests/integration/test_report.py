@@ -184,3 +184,13 @@ def test_the_html_renders_in_headless_chromium(run_dir, tmp_path):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert image.size == (1280, 2400)
     assert len(colours) > 100, "the page drew text and plots, not a blank canvas"
+
+
+def test_dpo_and_ppo_are_compared_with_the_same_start_responses_sampled_once(run_dir):
+    """Both start from the same policy and are evaluated on the same prompts: one file of start responses, shared."""
+    [shared] = list((run_dir / "eval_start_samples").iterdir())
+    sampled = [json.loads(line) for line in shared.read_text().splitlines()]
+    start = [response for batch in sampled for responses in batch["responses"] for response in responses]
+    for stage in ("dpo", "ppo"):
+        samples = [json.loads(line) for line in (run_dir / stage / "eval_samples.jsonl").read_text().splitlines()]
+        assert [sample["start"] for sample in samples] == start

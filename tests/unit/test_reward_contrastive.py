@@ -67,6 +67,9 @@ def test_the_instructions_come_from_the_rubric_or_the_constitution(model, tokeni
     follow, violate = instructions("Give figures.")
     assert "Give figures." in follow and "Give figures." in violate and "opposite" in violate
     assert instructions("Give figures.", "Be vague.") == (follow, "Be vague.")
+    # Each side's own wording is used word for word, with no preamble.
+    assert instructions("Give figures.", "Be vague.", "State the figure.") == ("State the figure.", "Be vague.")
+    assert ContrastiveJudge(model, tokenizer, rubric="x", follow="State the figure.").follow == "State the figure."
     judge = ContrastiveJudge(model, tokenizer, principles=["Use digits.", "End with a tip."])
     assert "1. Use digits.\n2. End with a tip." in judge.follow and "1. Use digits." in judge.violate
     # A conversation's own system message is kept, after the judge's instruction.
