@@ -192,7 +192,7 @@ def ppo_section(stage: Stage, run_dir: Path) -> Section | None:
     return Section("PPO: reward and KL", blocks)
 
 
-def online_section(stage: Stage) -> Section | None:
+def online_section(stage: Stage, run_dir: Path) -> Section | None:
     """grpo and rloo, as TRL logs them: the reward, KL, entropy, response length and loss per step."""
     from pipeline import plots
 
@@ -209,9 +209,16 @@ def online_section(stage: Stage) -> Section | None:
             ["held-out reward, before → after", _change(m.get("eval/score_mean_before"), m.get("eval/score_mean"))]]
     text = (f"{name} (TRL's {name.upper()} trainer) per logged step: the reward is the score of `{name}.reward` "
             "averaged over the step's responses, before any KL term.")
-    return Section(f"{name.upper()}: reward and KL", [
-        text, Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
-        Plot(f"{name.upper()} per step", plots.online_curves(curves))])
+    blocks = [text, Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
+              Plot(f"{name.upper()} per step", plots.online_curves(curves))]
+    tables = read_jsonl(run_dir / name / "samples.jsonl")
+    if tables:
+        last = tables[-1]
+        blocks += [f"Responses trained on at step {last['step']} ({name}/samples.jsonl has a table every logged step):",
+                   Table(["prompt", "response", "score", "advantage"],
+                         [[_clip(row["prompt"][-1]["content"]), _clip(row["response"]), _num(row["score"], 3),
+                           _num(row["advantage"], 3)] for row in last["samples"][:SAMPLES_SHOWN]])]
+    return Section(f"{name.upper()}: reward and KL", blocks)
 
 
 def _learns_online(name: str) -> bool:
@@ -423,7 +430,7 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
         preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
         calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
         ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
-        *(online_section(by_name[name]) for name in ("grpo", "rloo") if name in by_name),
+        *(online_section(by_name[name], run_dir) for name in ("grpo", "rloo") if name in by_name),
         win_rate_section(stages, config), samples_section(stages, run_dir),
     ]
     model = (config.get("model") or {}).get("name_or_path", "?")

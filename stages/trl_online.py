@@ -11,12 +11,13 @@ rewarded by ppo's reward builder (stages/online.py).
    pairwise), as TRL's reward function.
 4. Training: each step TRL samples `num_generations` responses to each prompt of its batch, scores them and updates
    the policy on each response's reward against its group's (GRPO: mean and std; RLOO: the others' mean).
-5. The reward on the held-out prompts before training (TRL's evaluation at step 0) and after it.
+5. The reward on the held-out prompts before training (TRL's evaluation at step 0) and after it; per logged step, the
+   reward, KL, entropy and response length (metrics.jsonl) and a table of responses with their scores (samples.jsonl).
 6. The runner then compares the saved policy with the one it started from (evaluate_saved).
 
 A killed stage resumes to what an uninterrupted run gives. TRL seeds torch once per process (set_seed(seed,
 device_specific=True)) and samples from torch's global generator, whose state every checkpoint keeps and the
-Trainer restores; the prompts' order is TRL's sampler's, which we seed per epoch (ResumableSampling); and a
+Trainer restores; the prompts' order is TRL's sampler's, which we seed per epoch (trainer_class); and a
 checkpoint is only ever written where TRL samples a new batch (check_checkpoints_at_generations), since the responses
 it sampled before a checkpoint are not in it. With `use_vllm`, vLLM samples with its own generator, which no
 checkpoint holds: such a run resumes, but not to the same samples.
@@ -25,15 +26,19 @@ checkpoint holds: such a run resumes, but not to the same samples.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 from pipeline.config import REGISTRY, RunConfig, SamplingConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
 from stages import hf_trainer
 from stages.online import RewardFunction, build_reward, check_reward, load_prompts
+
+SAMPLES_PER_TABLE = 16  # rows of samples.jsonl's table per logged step, as ppo's
 
 
 def check(config: RunConfig, stage: str) -> str:
@@ -102,12 +107,15 @@ def check_checkpoints_at_generations(stage: str, trainer: dict, args, world: int
                           "checkpoint between two samplings could not be resumed exactly")
 
 
-def resumable(trainer_cls):
-    """`trainer_cls` whose prompt order is a function of the epoch. TRL's RepeatSampler draws every epoch's order from
-    one generator seeded once, which a resumed run would start afresh (its epoch 2 would repeat epoch 1's order);
-    seeding it with seed + epoch at the start of each epoch gives a resumed run the order an uninterrupted one has."""
+def trainer_class(trainer_cls, samples_file: Path):
+    """`trainer_cls` with two additions.
+    - Its prompt order is a function of the epoch. TRL's RepeatSampler draws every epoch's order from one generator
+      seeded once, which a resumed run would start afresh (its epoch 2 would repeat epoch 1's order); seeding it with
+      seed + epoch at the start of each epoch gives a resumed run the order an uninterrupted one has.
+    - Each logged training step appends to `samples_file` a table of the responses it trained on last, with their
+      scores and advantages, as ppo's samples.jsonl: a rising reward on one repeated answer is reward hacking."""
 
-    class Resumable(trainer_cls):
+    class Trainer(trainer_cls):
         def _get_train_sampler(self, dataset=None):
             self._epoch_sampler = super()._get_train_sampler(dataset)
             return self._epoch_sampler
@@ -116,8 +124,20 @@ def resumable(trainer_cls):
             self._epoch_sampler.generator.manual_seed(self.args.seed + epoch)
             return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
-    Resumable.__name__ = Resumable.__qualname__ = trainer_cls.__name__
-    return Resumable
+        def log(self, logs: dict, start_time=None) -> None:
+            super().log(logs, start_time)
+            if "loss" in logs and self.model.training and is_main_process() and self._logs["prompt"]:
+                scores = next(iter(self._logs["rewards"].values()))  # the one reward function's, before any KL term
+                rows = [{"prompt": prompt, "response": completion[-1]["content"].strip(), "score": float(score),
+                         "advantage": float(advantage)}
+                        for prompt, completion, score, advantage in zip(
+                            self._logs["prompt"], self._logs["completion"], scores, self._logs["advantages"])]
+                with open(samples_file, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": self.state.global_step, "samples": rows[:SAMPLES_PER_TABLE]},
+                                            ensure_ascii=False) + "\n")
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
 
 
 def trl_reward(reward_fn: RewardFunction, name: str):
@@ -199,7 +219,7 @@ def run(ctx: StageContext, trainer_cls) -> StageResult:
     log(f"{ctx.name}: {len(prompts)} prompts ({len(held_out)} held out), {_setting(ctx.name, trainer, 'num_generations')} "
         f"responses each; reference = {ctx.init.description}")
     result = hf_trainer.fit(
-        ctx, resumable(trainer_cls), model, tokenizer, base_dir, Dataset.from_list([{"prompt": p} for p in prompts]),
+        ctx, trainer_class(trainer_cls, ctx.stage_dir / "samples.jsonl"), model, tokenizer, base_dir, Dataset.from_list([{"prompt": p} for p in prompts]),
         Dataset.from_list([{"prompt": p} for p in held_out]) if held_out else None, trainer_evaluates=bool(held_out),
         after=_results(ctx.name, bool(held_out)), reward_funcs=trl_reward(reward_fn, name), peft_config=peft_config)
     result.metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(held_out), **result.metrics}

@@ -45,7 +45,7 @@ def sets(*settings: str) -> list[str]:
 def from_sft(tmp_path_factory):
     """One run: sft, then grpo rewarded by the contrastive judge's score of each response (pointwise) and rloo by a
     rule comparing each response with the reference policy's response to the same prompt (pairwise), both from sft's
-    adapter with LoRA, two steps each; TRL's own completion tables on (log_completions, passed through)."""
+    adapter with LoRA, two steps each."""
     run_dir = tmp_path_factory.mktemp("online") / "run"
     with pytest.MonkeyPatch.context() as patch:
         for key, value in PIPELINE_ENV.items():
@@ -57,8 +57,7 @@ def from_sft(tmp_path_factory):
                          "grpo.reward.judge.violation=Be vague.",
                          "rloo.reward.type=judge", "rloo.reward.pairwise=true", "rloo.reward.judge.type=rule",
                          f"rloo.reward.judge.function={RULE}",
-                         *(f"{stage}.trainer.{key}" for stage in STAGES
-                           for key in ("max_steps=2", "log_completions=true"))))
+                         *(f"{stage}.trainer.max_steps=2" for stage in STAGES)))
     return run_dir
 
 
@@ -110,25 +109,22 @@ def test_from_sft_every_adapter_weight_trains_and_the_result_is_compared_with_sf
     assert f"## {stage.upper()}: reward and KL" in report and f"| {stage} |" in report
 
 
-def _completions(run_dir, stage) -> list[dict]:
-    """TRL's completion tables (log_completions): prompt, completion and each reward function's reward per row."""
-    import pandas
-
-    files = sorted((run_dir / stage / "checkpoints" / "completions").glob("completions_*.parquet"))
-    return pandas.concat([pandas.read_parquet(path) for path in files]).to_dict("records")
+def samples(run_dir, stage) -> list[dict]:
+    """The responses of samples.jsonl's tables (one per logged step) with their step."""
+    tables = [json.loads(line) for line in (run_dir / stage / "samples.jsonl").read_text().splitlines()]
+    return [{"step": table["step"], **row} for table in tables for row in table["samples"]]
 
 
 def test_grpo_is_rewarded_by_the_contrastive_judge_s_score_of_each_response(from_sft):
     from pipeline.config import ModelConfig
     from reward.contrastive_judge import ContrastiveJudge
 
-    rows = _completions(from_sft, "grpo")
-    assert len(rows) == 8  # 2 steps x 2 prompts x 2 responses
-    prompts = [list(row["prompt"]) for row in rows]
-    responses = [row["completion"][-1]["content"].strip() for row in rows]
+    rows = samples(from_sft, "grpo")
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4  # 2 prompts x 2 responses per step
+    prompts, responses = [row["prompt"] for row in rows], [row["response"] for row in rows]
     judge = ContrastiveJudge.from_path(Path(manifest(from_sft, "grpo")["init"]["base"]),
                                        ModelConfig("tiny-random-smollm2"), violation="Be vague.")
-    assert [row["pointwise_contrastive"] for row in rows] == pytest.approx(judge.score(prompts, responses), abs=1e-4)
+    assert [row["score"] for row in rows] == pytest.approx(judge.score(prompts, responses), abs=1e-4)
 
 
 def test_rloo_is_rewarded_by_a_judge_s_verdict_against_the_reference_policy_s_response(from_sft):
@@ -151,13 +147,11 @@ def test_rloo_is_rewarded_by_a_judge_s_verdict_against_the_reference_policy_s_re
     def sign(x):
         return float((x > 0) - (x < 0))
 
-    rows = _completions(from_sft, "rloo")
-    expected = []
-    for row in rows:
-        prompt, response = [dict(message) for message in row["prompt"]], row["completion"][-1]["content"].strip()
-        expected.append(sign(distinct_trigrams(prompt, response)
-                             - distinct_trigrams(prompt, reference[prompt_key(prompt)])))
-    assert len(rows) == 8 and [row["pairwise_rule"] for row in rows] == pytest.approx(expected)
+    rows = samples(from_sft, "rloo")
+    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
+    expected = [sign(distinct_trigrams(row["prompt"], row["response"])
+                     - distinct_trigrams(row["prompt"], reference[prompt_key(row["prompt"])])) for row in rows]
+    assert [row["score"] for row in rows] == pytest.approx(expected)
 
 
 def test_full_fine_tuning_killed_then_rerun_resumes_each_stage_to_the_uninterrupted_result(tmp_path, tiny_model_dir):
