@@ -190,7 +190,8 @@ JUDGE_KEYS = {
     "api": ("model", "base_url", "api_key_env", "rubric", "principles", "max_concurrency", "max_retries", "timeout"),
     "reward_model": ("model", "max_length", "tie_margin"),
 }
-# What can reward ppo: a judge scoring each response alone, or any AI judge comparing two (not a person).
+# What can reward ppo, grpo and rloo: a judge scoring each response alone, or any AI judge comparing two (not a
+# person).
 POINTWISE_REWARD_JUDGES = ("contrastive", "reward_model", "rule")
 PAIRWISE_REWARD_JUDGES = ("llm", "contrastive", "api", "reward_model", "rule")
 REWARD_TYPES = ("reward_model", "rule", "judge")
@@ -223,7 +224,8 @@ class PreferencesConfig:
 @dataclass
 class EvaluationConfig:
     prompts: str | None = None
-    """Held-out prompts on which dpo and ppo are compared with the policy they started from; None skips that."""
+    """Held-out prompts on which dpo, ppo, grpo and rloo are compared with the policy they started from; None skips
+    that."""
     max_prompts: int | None = None
     """Use only the first N prompts."""
     max_new_tokens: int = 96
@@ -333,6 +335,27 @@ class PPOConfig:
 
 
 @dataclass
+class OnlineRLConfig:
+    """grpo and rloo: critic-free online RL through TRL's GRPOTrainer and RLOOTrainer. Each step samples
+    `trainer.num_generations` responses to every prompt of its batch and learns from how each one's reward compares
+    with the others' (GRPO: the group's mean and std; RLOO: the mean of the other responses)."""
+
+    enabled: bool = True
+    """Whether `run` without --stage runs this stage."""
+    init_from: str = "auto"
+    """The policy it starts from (and, with a KL term, is held to): auto (the latest of cpt/sft), base, a stage name,
+    or a model/adapter path."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts, as ppo's ({"prompt"} or {"messages"} per line) in data.train; eval/eval_split hold some out, on which
+    the reward is measured before and after training."""
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    """Where the scalar reward comes from: the same choices as ppo.reward."""
+    trainer: dict = field(default_factory=dict)
+    """Passed to TRL's GRPOConfig or RLOOConfig: num_generations, max_completion_length, beta, learning_rate,
+    use_vllm... (seed, output_dir, report_to are the pipeline's)."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 42
     """Seeds data splits, model init and the trainers (unless a stage's trainer.seed says otherwise)."""
@@ -349,8 +372,10 @@ class RunConfig:
     rm: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     dpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
+    grpo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
+    rloo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    """How dpo and ppo are evaluated against their starting policy, and how sft's answers are sampled."""
+    """How dpo, ppo, grpo and rloo are evaluated against their starting policy, and how sft's answers are sampled."""
 
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -395,15 +420,16 @@ def _preferences_uses(config: RunConfig) -> list[str]:
     return [judge.model] if judge.type in MODEL_JUDGES else []
 
 
-def _ppo_uses(config: RunConfig) -> list[str]:
-    reward, models = config.ppo.reward, []
+def _reward_uses(reward: RewardSourceConfig) -> list[str]:
     if reward.type == "reward_model":
-        models.append(reward.model)
+        return [reward.model]
     if reward.type == "judge" and reward.judge.type in MODEL_JUDGES:
-        models.append(reward.judge.model)
-    if config.ppo.critic:
-        models.append(config.ppo.critic)
-    return models
+        return [reward.judge.model]
+    return []
+
+
+def _ppo_uses(config: RunConfig) -> list[str]:
+    return _reward_uses(config.ppo.reward) + ([config.ppo.critic] if config.ppo.critic else [])
 
 
 # Every stage, in pipeline order: the one place a stage is described.
@@ -415,6 +441,10 @@ REGISTRY = {stage.name: stage for stage in (
     Stage("dpo", StageConfig, "trl:DPOConfig", "policy", data_from="preferences", launched=True, evaluated=True),
     Stage("ppo", PPOConfig, "pipeline.config:PPOTrainerConfig", "policy", launched=True, evaluated=True,
           uses=_ppo_uses),
+    Stage("grpo", OnlineRLConfig, "trl:GRPOConfig", "policy", launched=True, evaluated=True,
+          uses=lambda config: _reward_uses(config.grpo.reward)),
+    Stage("rloo", OnlineRLConfig, "trl:RLOOConfig", "policy", launched=True, evaluated=True,
+          uses=lambda config: _reward_uses(config.rloo.reward)),
 )}
 STAGE_ORDER = tuple(REGISTRY)
 
@@ -536,6 +566,8 @@ def _check_values(config: RunConfig) -> None:
     _check_preferences(config)
     _check_evaluation(config)
     _check_ppo(config)
+    for name in (name for name, spec in REGISTRY.items() if spec.section is OnlineRLConfig):
+        _check_prompts_and_reward(config, name)
     _check_distributed(config)
 
 
@@ -621,25 +653,33 @@ def _check_preferences(config: RunConfig) -> None:
     _check_judge_values(judge, f"{source}: preferences.judge")
 
 
-def _check_ppo(config: RunConfig) -> None:
-    ppo, source = config.ppo, config.source
-    if ppo.enabled and not ppo.data.train:
-        raise ConfigError(f"{source}: ppo.data.train (a prompts file) is required when the ppo stage is enabled")
-    if ppo.data.format != "auto" or ppo.data.columns or ppo.data.delimiters:
-        raise ConfigError(f"{source}: ppo.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); "
+def _check_prompts_and_reward(config: RunConfig, name: str) -> None:
+    """A stage that samples from prompts and learns from `reward:` (ppo, grpo, rloo): its data and its reward."""
+    section, source = config.stage(name), config.source
+    if section.enabled and not section.data.train:
+        raise ConfigError(f"{source}: {name}.data.train (a prompts file) is required when the {name} stage is enabled")
+    if section.data.format != "auto" or section.data.columns or section.data.delimiters:
+        raise ConfigError(f"{source}: {name}.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); "
                           "format, columns and delimiters do not apply to it")
-    if not 0 <= ppo.data.eval_split < 1:
-        raise ConfigError(f"{source}: ppo.data.eval_split must be in [0, 1), got {ppo.data.eval_split}")
-    reward = ppo.reward
+    if not 0 <= section.data.eval_split < 1:
+        raise ConfigError(f"{source}: {name}.data.eval_split must be in [0, 1), got {section.data.eval_split}")
+    if section.data.general_eval or section.data.probes:
+        raise ConfigError(f"{source}: {name}.data: general_eval is cpt's and probes are rm's")
+    reward = section.reward
     if reward.type not in REWARD_TYPES:
-        raise ConfigError(f"{source}: ppo.reward.type '{reward.type}' is not one of {', '.join(REWARD_TYPES)}"
+        raise ConfigError(f"{source}: {name}.reward.type '{reward.type}' is not one of {', '.join(REWARD_TYPES)}"
                           f"{suggest(reward.type, REWARD_TYPES)}")
     if reward.type == "judge":
-        _check_reward_judge(reward, source)
+        _check_reward_judge(reward, name, source)
     if reward.type == "rule" and not reward.function:
-        raise ConfigError(f"{source}: ppo.reward.function ('module:function') is required for reward type rule")
+        raise ConfigError(f"{source}: {name}.reward.function ('module:function') is required for reward type rule")
     if reward.type == "reward_model" and not reward.model:
-        raise ConfigError(f"{source}: ppo.reward.model (rm, or a reward model directory) is required")
+        raise ConfigError(f"{source}: {name}.reward.model (rm, or a reward model directory) is required")
+
+
+def _check_ppo(config: RunConfig) -> None:
+    ppo, source = config.ppo, config.source
+    _check_prompts_and_reward(config, "ppo")
     t = ppo.trainer
     checks = [
         (t.max_steps >= 1, "max_steps >= 1"), (t.rollout_batch_size >= 1, "rollout_batch_size >= 1"),
@@ -659,21 +699,21 @@ def _check_ppo(config: RunConfig) -> None:
             raise ConfigError(f"{source}: ppo.trainer needs {need}")
 
 
-def _check_reward_judge(reward: RewardSourceConfig, source) -> None:
+def _check_reward_judge(reward: RewardSourceConfig, name: str, source) -> None:
     judge = reward.judge
     allowed = PAIRWISE_REWARD_JUDGES if reward.pairwise else POINTWISE_REWARD_JUDGES
     if judge.type not in allowed:
         how = "pairwise" if reward.pairwise else "pointwise (each response scored alone)"
-        raise ConfigError(f"{source}: ppo.reward.judge.type '{judge.type}' cannot reward {how}; use one of "
+        raise ConfigError(f"{source}: {name}.reward.judge.type '{judge.type}' cannot reward {how}; use one of "
                           f"{', '.join(allowed)}" + ("" if reward.pairwise else
-                                                    ", or set ppo.reward.pairwise=true to compare with the "
+                                                    f", or set {name}.reward.pairwise=true to compare with the "
                                                     "reference policy's response"))
     for key in JUDGE_REQUIRED.get(judge.type, ()):
         if not getattr(judge, key):
-            raise ConfigError(f"{source}: ppo.reward.judge.{key} is required for judge type {judge.type}")
+            raise ConfigError(f"{source}: {name}.reward.judge.{key} is required for judge type {judge.type}")
     if judge.rubric and judge.principles:
-        raise ConfigError(f"{source}: set ppo.reward.judge.rubric or ppo.reward.judge.principles, not both")
-    _check_judge_values(judge, f"{source}: ppo.reward.judge")
+        raise ConfigError(f"{source}: set {name}.reward.judge.rubric or {name}.reward.judge.principles, not both")
+    _check_judge_values(judge, f"{source}: {name}.reward.judge")
 
 
 # What the preference is (the labeller's principle) rather than how one judge works: a config states it once for
@@ -682,7 +722,7 @@ PREFERENCE_KEYS = {"rubric", "principles", "follow", "violation"}
 
 
 def evaluation_judges(config: RunConfig) -> list[JudgeConfig]:
-    """Every judge the evaluation after dpo and ppo asks: `evaluation.judge`, then `evaluation.judges`."""
+    """Every judge the evaluation after a policy stage asks: `evaluation.judge`, then `evaluation.judges`."""
     return [config.evaluation.judge, *config.evaluation.judges]
 
 

@@ -70,22 +70,43 @@ def ppo_curves(curves: dict[str, Curve]) -> bytes:
         ("response length", [("ppo/response_length", "tokens")]),
         ("losses", [("ppo/policy_loss", "policy loss"), ("ppo/value_loss", "value loss")]),
     ]
+    return _reward_panels(curves, panels, ("ppo/reward_mean", "ppo/reward_std"), "ppo/kl_coef", "iteration")
+
+
+def online_curves(curves: dict[str, Curve]) -> bytes:
+    """grpo's and rloo's curves under the names TRL logs them: the reward (the judge's score, before any KL term),
+    KL to the reference, entropy, response length and loss; the same signs of reward hacking as ppo's."""
+    panels = [
+        ("reward", [("reward", "reward")]),
+        ("KL to the reference", [("kl", "KL (nats per token)")]),
+        ("entropy", [("entropy", "entropy (nats per token)")]),
+        ("response length", [("completions/mean_length", "tokens")]),
+        ("loss", [("loss", "loss")]),
+    ]
+    return _reward_panels(curves, panels, ("reward", "reward_std"), None, "step")
+
+
+def _reward_panels(curves: dict[str, Curve], panels: list, reward: tuple[str, str], kl_coef: str | None,
+                   xlabel: str) -> bytes:
+    """One panel per (title, lines) that has a curve; the reward's panel shades ± its std, the KL's shows the KL
+    coefficient on a second axis."""
     panels = [(title, [(key, label) for key, label in lines if key in curves]) for title, lines in panels]
     panels = [(title, lines) for title, lines in panels if lines]
     figure, axes = _grid(len(panels), height=2.8)
+    mean_key, std_key = reward
     for axis, (title, lines) in zip(axes, panels):
         for key, label in lines:
             _line(axis, curves[key], label)
-        if title == "reward" and "ppo/reward_std" in curves:
-            steps, mean = curves["ppo/reward_mean"]
-            std = dict(zip(*curves["ppo/reward_std"]))
+        if title == "reward" and std_key in curves:
+            steps, mean = curves[mean_key]
+            std = dict(zip(*curves[std_key]))
             axis.fill_between(steps, [m - std.get(s, 0.0) for s, m in zip(steps, mean)],
                               [m + std.get(s, 0.0) for s, m in zip(steps, mean)], alpha=0.2, label="± std")
-        if title == "KL to the reference" and "ppo/kl_coef" in curves:
+        if title == "KL to the reference" and kl_coef in curves:
             twin = axis.twinx()
-            _line(twin, curves["ppo/kl_coef"], "KL coefficient", "#888888")
+            _line(twin, curves[kl_coef], "KL coefficient", "#888888")
             twin.set_ylabel("KL coefficient", color="#888888")
-        _finish(axis, title, "iteration")
+        _finish(axis, title, xlabel)
     return _png(figure)
 
 

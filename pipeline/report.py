@@ -9,6 +9,7 @@ The content is built once as sections of paragraphs, tables and figures, then re
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import time
@@ -149,8 +150,8 @@ def loss_section(stages: list[Stage]) -> Section | None:
 
     curves = {}
     for stage in stages:
-        if stage.name == "ppo":
-            continue  # its losses are per iteration, with its rewards below
+        if _learns_online(stage.name):
+            continue  # its losses are with its rewards below
         found = {kind: stage.curve(key) for kind, key in (("train", "loss"), ("eval", "eval_loss"))}
         found = {kind: curve for kind, curve in found.items() if curve}
         if found:
@@ -189,6 +190,40 @@ def ppo_section(stage: Stage, run_dir: Path) -> Section | None:
                          [[_clip(row["prompt"][-1]["content"]), _clip(row["response"]), _num(row["score"], 3),
                            _num(row["reward"], 3)] for row in last["samples"][:SAMPLES_SHOWN]])]
     return Section("PPO: reward and KL", blocks)
+
+
+def online_section(stage: Stage, run_dir: Path) -> Section | None:
+    """grpo and rloo, as TRL logs them: the reward, KL, entropy, response length and loss per step."""
+    from pipeline import plots
+
+    keys = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "loss")
+    curves = {key: curve for key in keys if (curve := stage.curve(key))}
+    if "reward" not in curves:
+        return None
+    m, name = stage.metrics, stage.name
+    # The manifest has the last logged numbers once the stage completes; until then, read them from the log.
+    rewards, kl = curves["reward"][1], curves.get("kl", ([], [None]))[1]
+    rows = [["reward, first → last logged step",
+             _change(m.get(f"{name}/reward_mean_first", rewards[0]), m.get(f"{name}/reward_mean", rewards[-1]))],
+            ["KL to the reference at the last logged step (nats per token)", _num(m.get(f"{name}/kl", kl[-1]))],
+            ["held-out reward, before → after", _change(m.get("eval/score_mean_before"), m.get("eval/score_mean"))]]
+    text = (f"{name} (TRL's {name.upper()} trainer) per logged step: the reward is the score of `{name}.reward` "
+            "averaged over the step's responses, before any KL term.")
+    blocks = [text, Table(["measure", "value"], [row for row in rows if row[1] not in ("–", "– → –")]),
+              Plot(f"{name.upper()} per step", plots.online_curves(curves))]
+    tables = read_jsonl(run_dir / name / "samples.jsonl")
+    if tables:
+        last = tables[-1]
+        blocks += [f"Responses trained on at step {last['step']} ({name}/samples.jsonl has a table every logged step):",
+                   Table(["prompt", "response", "score", "advantage"],
+                         [[_clip(row["prompt"][-1]["content"]), _clip(row["response"]), _num(row["score"], 3),
+                           _num(row["advantage"], 3)] for row in last["samples"][:SAMPLES_SHOWN]])]
+    return Section(f"{name.upper()}: reward and KL", blocks)
+
+
+def _learns_online(name: str) -> bool:
+    """ppo, grpo, rloo: the stages that learn from a reward on responses they sample."""
+    return "reward" in {f.name for f in dataclasses.fields(REGISTRY[name].section)}
 
 
 def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
@@ -263,12 +298,11 @@ def alignment_section(stages: list[Stage], config: dict) -> Section | None:
                          _num(m.get("eval/kl_to_start"), 3),
                          _change(m.get("eval/degenerate_before"), m.get("eval/degenerate_after"), 3)])
         independent = rates[1:] or rates  # judges that did not train the policy, where the config names any
-        reward_rose = (m.get("ppo/reward_mean") is not None and m.get("ppo/reward_mean_first") is not None
-                       and m["ppo/reward_mean"] > m["ppo/reward_mean_first"])
+        first, last = m.get(f"{stage.name}/reward_mean_first"), m.get(f"{stage.name}/reward_mean")
+        reward_rose = first is not None and last is not None and last > first
         if reward_rose and all(verdict(low, high) != "better" for _, _, low, high in independent):
-            warnings.append(f"{stage.name}: its training reward rose ({m['ppo/reward_mean_first']:.3f} → "
-                            f"{m['ppo/reward_mean']:.3f}) but no independent judge finds it better than its start: "
-                            "a sign of reward hacking; read its samples.")
+            warnings.append(f"{stage.name}: its training reward rose ({first:.3f} → {last:.3f}) but no independent "
+                            "judge finds it better than its start: a sign of reward hacking; read its samples.")
         if (m.get("eval/degenerate_after") or 0) > (m.get("eval/degenerate_before") or 0):
             warnings.append(f"{stage.name}: {_pct(m['eval/degenerate_after'])} of its held-out answers repeat a "
                             f"three-word phrase three times or more (its start: {_pct(m.get('eval/degenerate_before'))})"
@@ -396,6 +430,7 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
         preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
         calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
         ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
+        *(online_section(by_name[name], run_dir) for name in ("grpo", "rloo") if name in by_name),
         win_rate_section(stages, config), samples_section(stages, run_dir),
     ]
     model = (config.get("model") or {}).get("name_or_path", "?")

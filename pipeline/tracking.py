@@ -147,7 +147,8 @@ def headline(metrics: dict) -> str:
     if metrics.get("dpo/eval_accuracy") is not None:
         parts.append(f"held-out reward accuracy {_fmt(metrics.get('dpo/eval_accuracy_before'))} → "
                      f"{metrics['dpo/eval_accuracy']:.3f}")
-    if metrics.get("ppo/reward_mean") is not None:
-        parts.append(f"reward {_fmt(metrics.get('ppo/reward_mean_first'), 3)} → {metrics['ppo/reward_mean']:.3f}, "
-                     f"KL {_fmt(metrics.get('ppo/kl'), 2)}")
+    for key in sorted(k for k in metrics if k.endswith("/reward_mean") and metrics[k] is not None):
+        space = key.removesuffix("/reward_mean")  # ppo, grpo, rloo: the stages that learn from a reward online
+        parts.append(f"reward {_fmt(metrics.get(f'{space}/reward_mean_first'), 3)} → {metrics[key]:.3f}, "
+                     f"KL {_fmt(metrics.get(f'{space}/kl'), 2)}")
     return "; ".join(parts)

@@ -10,9 +10,9 @@ TRL has no PPO trainer any more, so this one is ours, in four small modules:
 - rollout.py: batched sampling with the KV cache, then the log-probabilities, reference log-probabilities and values;
 - trainer.py: the loop (steps numbered in comments), checkpoints that resume exactly, metrics and sample tables.
 
-The reward is `ppo.reward`: a reward model (the rm stage of this run, or a directory) scored on exactly the text
-the rm stage trained on, a rule, a Python function (prompt messages, response text) -> float, or any AI judge
-(online RLAIF, reward.py): its score of the response alone, or its verdict against the reference policy's response.
+The reward is `ppo.reward`, built by stages/online.py as for every stage that learns online: a reward model (the rm
+stage of this run, or a directory), a rule, or any AI judge (online RLAIF): its score of the response alone, or its
+verdict against the reference policy's response.
 
 Layout: final/ (the actor adapter, loads with PeftModel.from_pretrained on stage.json's base_model; under full
 fine-tuning the whole model, AutoModelForCausalLM.from_pretrained), critic/ (+ value_head.safetensors: the shared
@@ -25,10 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import REGISTRY, RunConfig
+from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log
 
 NAME = "ppo"
 
@@ -38,85 +36,34 @@ def uses_model(config: RunConfig) -> bool:
 
 
 def data_files(config: RunConfig) -> dict:
-    data = config.ppo.data
-    return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
+    from stages.online import data_files
+
+    return data_files(config, NAME)
 
 
 def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
     """(training prompts, held-out prompts) as message lists ending with the user's turn."""
-    from reward.importers import load_prompts
-    from stages.lm import split_eval
+    from stages.online import load_prompts
 
-    data = config.ppo.data
-    prompts = [messages for messages, _ in load_prompts(data.train)]
-    if data.eval:
-        return prompts, [messages for messages, _ in load_prompts(data.eval)]
-    return split_eval(prompts, data.eval_split, config.seed)
+    return load_prompts(config, NAME)
 
 
 def check(config: RunConfig) -> str:
-    from reward.judges import load_callable
+    from stages.online import check_reward
     from stages.ppo.model import check_critic, actor_peft_config
 
     actor_peft_config(config)
     check_critic(config)
     train, held_out = load(config)
-    reward = config.ppo.reward
-    if reward.type == "rule":
-        load_callable(reward.function)
-    elif reward.type == "judge":
-        if reward.judge.type == "rule":
-            load_callable(reward.judge.function)
-        if reward.judge.type == "api":
-            from reward.build import build_judge
-
-            build_judge(reward.judge, config, Path("."))  # fails now if the key's variable is unset
-    elif reward.model in REGISTRY and REGISTRY[reward.model].output != "reward_model":
-        raise ConfigError(f"ppo.reward.model '{reward.model}': of this run's stages only rm makes a reward model")
-    elif reward.model != "rm" and not any((Path(reward.model) / name).exists()
-                                          for name in ("config.json", "adapter_config.json")):
-        raise ConfigError(f"ppo.reward.model '{reward.model}' is neither rm (this run's rm stage) nor a reward "
-                          "model or adapter directory")
-    source = {"rule": reward.function, "judge": f"{'pairwise' if reward.pairwise else 'pointwise'} "
-                                               f"{reward.judge.type}"}.get(reward.type, reward.model)
-    return f"{len(train)} prompts ({len(held_out)} held out), reward from {reward.type} {source}"
-
-
-def reward_function(ctx: StageContext, prompt_tokens: int, prompts: list[list[dict]]):
-    """(prompt messages, responses) -> scores, from ppo.reward. `prompt_tokens`, the longest prompt, sizes the
-    reward model's length limit so that no rollout is ever too long to score; `prompts` are every prompt the stage
-    will score responses to (a pairwise judge's reference responses are sampled for them)."""
-    reward = ctx.config.ppo.reward
-    if reward.type == "judge":
-        from stages.ppo.reward import judge_reward
-
-        return judge_reward(ctx, prompts)
-    if reward.type == "rule":
-        from reward.judges import load_callable
-
-        rule = load_callable(reward.function)
-        return lambda prompts, responses: [float(rule(p, r)) for p, r in zip(prompts, responses)]
-    from pipeline.artifacts import completed, read_manifest
-    from pipeline.context import ModelSource
-    from reward.rm_judge import RewardModelJudge
-
-    if reward.model == "rm" and not completed(read_manifest(ctx.run_dir / "rm")):
-        raise PipelineError(f"ppo.reward.model is rm, but the rm stage has not completed in {ctx.run_dir}: run it "
-                            "first (--stage rm), or point ppo.reward.model at a reward model directory")
-    source = ModelSource.named(reward.model, ctx.run_dir)
-    log(f"{NAME}: rewards from {source.description}")
-    cfg = ctx.config.ppo.trainer
-    # The template's closing tokens are a handful; 64 leaves room for any chat template's.
-    judge = RewardModelJudge.from_path(source.base, ctx.config.model, adapter=source.adapter,
-                                       batch_size=cfg.mini_batch_size,
-                                       max_length=prompt_tokens + cfg.max_new_tokens + 64)
-    return judge.score
+    return f"{len(train)} prompts ({len(held_out)} held out), {check_reward(config, NAME)}"
 
 
 def run(ctx: StageContext) -> StageResult:
+    from pipeline.config import SamplingConfig
     from pipeline.models import load_tokenizer
     from pipeline.render import prompt_ids
     from stages import hf_trainer
+    from stages.online import build_reward
     from stages.ppo.model import check_vocabulary, critic_source
     from stages.ppo.trainer import train
 
@@ -124,8 +71,14 @@ def run(ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     if ctx.config.ppo.critic is not None:  # a stage's result is known only now; refused before any model loads
         check_vocabulary(ctx.config, critic_source(ctx.config, ctx.run_dir, None), tokenizer)
+    cfg = ctx.config.ppo.trainer
     longest = max(len(prompt_ids(tokenizer, p)) for p in prompts + eval_prompts)
-    reward_fn = reward_function(ctx, longest, prompts + eval_prompts)
+    # The pairwise judge's reference responses are sampled as the rollouts are; the template's closing tokens are a
+    # handful, so 64 tokens over the longest rollout leave room for any chat template's.
+    sampling = SamplingConfig(num_responses=1, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, batch_size=cfg.rollout_batch_size)
+    reward_fn = build_reward(ctx, prompts + eval_prompts, sampling, max_length=longest + cfg.max_new_tokens + 64,
+                             batch_size=cfg.mini_batch_size)
     base_dir = ctx.init.base
     if ctx.init.adapter is not None:
         # The reference is the base with the adapters off (or a copy of it), so the starting policy must be in the

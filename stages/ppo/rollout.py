@@ -8,7 +8,6 @@ tokens, the reference's (adapters off, or the frozen copy under full fine-tuning
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +16,9 @@ from pipeline.config import PPOTrainerConfig
 from pipeline.distributed import zero3_sharded
 from pipeline.errors import PipelineError
 from pipeline.render import prompt_ids
+from stages.online import RewardFunction
 from stages.ppo.losses import logprobs_from_logits
 from stages.ppo.model import ACTOR, ActorCritic
-
-# (prompt messages, response texts) -> one score per response
-RewardFunction = Callable[[list[list[dict]], list[str]], list[float]]
 
 
 @dataclass

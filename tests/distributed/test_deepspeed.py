@@ -1,5 +1,5 @@
 """Two CPU processes under DeepSpeed (gloo), launched by the pipeline through `accelerate launch`, exactly as README's
-multi-GPU command does: sft, rm and dpo train under ZeRO-2 and ZeRO-3, their adapters hold real trained weights, and a
+multi-GPU command does: sft, rm, dpo, ppo, grpo and rloo train under ZeRO-2 and ZeRO-3, their adapters hold real trained weights, and a
 killed two-process run resumes."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _assert_trained_adapter(final_dir) -> None:
     assert lora_b and all(torch.count_nonzero(t) for t in lora_b), "a LoRA B matrix is still at its zero init"
 
 
-SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", "dpo", "ppo")]
+SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo")]
 
 
 def _model_that_often_stops_at_once(tmp_path, tiny_model_dir) -> str:
@@ -86,10 +86,10 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
                  "--set", f"rm.data.train={rows}", "--set", f"dpo.data.train={rows}"]
     else:
         model, judge = "tiny-random-smollm2", []
-    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo"), *SHORT, *judge,
+    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo", "grpo", "rloo"), *SHORT, *judge,
                  "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2",
                  "--set", f"model.name_or_path={model}")
-    for stage in ("sft", "rm", "dpo", "ppo"):
+    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo"):
         manifest = _manifest(run_dir, stage)
         assert manifest["status"] == "completed" and manifest["world_size"] == 2
         assert manifest["deepspeed"].endswith(f"{zero}.json")
@@ -98,14 +98,22 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
     # sft's held-out prompts are answered on its saved result, as without DeepSpeed.
     assert _manifest(run_dir, "sft")["metrics"]["eval/references"] > 0
     _assert_trained_adapter(run_dir / "ppo" / "critic")  # the critic adapter and the value head
-    # dpo and ppo are compared with their starting policy by the runner, on the saved results.
-    for stage in ("dpo", "ppo"):
+    # dpo, ppo, grpo and rloo are compared with their starting policy by the runner, on the saved results.
+    for stage in ("dpo", "ppo", "grpo", "rloo"):
         metrics = _manifest(run_dir, stage)["metrics"]
         assert metrics["eval/wins"] + metrics["eval/ties"] + metrics["eval/losses"] == 2
         assert metrics["eval/kl_to_start"] is not None
     # Only the main process wrote the logs: one record per logged step.
     steps = [json.loads(line)["step"] for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+    # grpo and rloo: each step sampled two responses to each of four prompts, two prompts in each process, and
+    # rewarded them with the rm stage's model; the main process's table holds both processes' responses.
+    for stage in ("grpo", "rloo"):
+        rewards = [row["reward"] for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()
+                   if (row := json.loads(line)).get("reward") is not None]
+        assert len(rewards) == 2 and _manifest(run_dir, stage)["metrics"][f"{stage}/reward_mean"] == rewards[-1]
+        tables = [json.loads(line) for line in (run_dir / stage / "samples.jsonl").read_text().splitlines()]
+        assert [len(table["samples"]) for table in tables] == [8, 8]
 
     assert_adapter_changes_output(_manifest(run_dir, "sft")["base_model"], run_dir / "sft" / "final")
     if zero == "zero3":

@@ -266,7 +266,7 @@ def test_any_judge_rewards_ppo(tmp_path, judge, one_thread):
     from pipeline.config import ModelConfig, load_config
     from reward.llm_judge import LlmJudge
     from stages.ppo import load
-    from stages.ppo.reward import prompt_key, win_reward
+    from stages.online import prompt_key, win_reward
     from reward.pairs import Pair
 
     train, held_out = load(load_config(SMOKE))

@@ -16,7 +16,8 @@ SHORT = [f"--set={key}" for key in (
     "sft.trainer.eval_steps=2", "rm.trainer.max_steps=2", "dpo.trainer.max_steps=2", "ppo.trainer.max_steps=2",
     "ppo.trainer.sample_every=1", "ppo.trainer.rollout_batch_size=4", "ppo.trainer.num_ppo_epochs=1",
     "evaluation.max_prompts=2", "evaluation.max_references=2", "sft.data.eval_split=0.03", "rm.data.eval_split=0.03",
-    "dpo.data.eval_split=0.03", "ppo.data.eval_split=0.02")]
+    "dpo.data.eval_split=0.03", "ppo.data.eval_split=0.02", "grpo.trainer.max_steps=2", "rloo.trainer.max_steps=2",
+    "grpo.data.eval_split=0.02", "rloo.data.eval_split=0.02")]
 # Per stage, metric keys its W&B history must hold: the trainers' curves and the stage's own results.
 EXPECTED = {
     "cpt": {"train/loss", "eval/loss", "eval/loss_before", "train/global_step"},
@@ -25,6 +26,8 @@ EXPECTED = {
     "rm": {"train/loss", "rm/eval_accuracy", "rm/eval_accuracy_before", "rm/eval_ece"},
     "dpo": {"train/loss", "train/rewards/accuracies", "dpo/eval_accuracy", "eval/win_rate", "eval/kl_to_start"},
     "ppo": {"ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/response_length", "eval/win_rate"},
+    "grpo": {"train/reward", "train/kl", "train/loss", "eval/reward", "grpo/reward_mean", "eval/win_rate"},
+    "rloo": {"train/reward", "train/kl", "train/loss", "eval/reward", "rloo/reward_mean", "eval/win_rate"},
 }
 TABLES = {"rm": "rm/calibration", "dpo": "eval/samples", "ppo": "ppo/samples"}
 
@@ -64,7 +67,8 @@ def test_one_wandb_run_per_stage_in_one_group_and_a_resumed_stage_continues_its_
         # The resolved config, with its stage sections, is the run's config.
         assert run["config"]["pipeline"]["sft"]["trainer"]["max_steps"] == 4
     # TensorBoard gets the same scalars, from our own PPO loop as from the HF trainers.
-    for stage, key in (("sft", "train/loss"), ("ppo", "ppo/reward_mean"), ("rm", "rm/eval_accuracy")):
+    for stage, key in (("sft", "train/loss"), ("ppo", "ppo/reward_mean"), ("rm", "rm/eval_accuracy"),
+                       ("grpo", "train/reward"), ("rloo", "train/reward")):
         events = EventAccumulator(str(run_dir / stage / "tensorboard"))
         events.Reload()
         assert key in events.Tags()["scalars"], f"{stage}: {key} not in TensorBoard"

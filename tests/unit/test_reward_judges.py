@@ -129,7 +129,7 @@ def test_rule_judge_scores_pointwise(rules_module):
 
 def test_win_reward_is_two_p_win_minus_one():
     from reward.pairs import Label
-    from stages.ppo.reward import win_reward
+    from stages.online import win_reward
 
     assert win_reward(Label("p", "a", "j", 0.9)) == pytest.approx(0.8)
     assert win_reward(Label("p", "b", "j", 0.9)) == pytest.approx(-0.8)
