@@ -109,6 +109,9 @@ def merge_start_adapter(ctx: StageContext, tokenizer):
     from pipeline.models import load_policy
 
     model = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer).train()
+    # PEFT froze the base weights when it loaded the adapter, and merging keeps them frozen: full fine-tuning would
+    # find nothing to train (a new adapter freezes them again itself).
+    model.requires_grad_(True)
     return model, save_merged_base(ctx, model, tokenizer)
 
 
