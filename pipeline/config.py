@@ -361,6 +361,9 @@ class RunConfig:
     """Seeds data splits, model init and the trainers (unless a stage's trainer.seed says otherwise)."""
     run_dir: str | None = None
     """Where the run's artifacts go; default runs/<config file name>. The CLI's --run-dir wins."""
+    preference_optimisation: str | None = None
+    """dpo, kto, orpo or simpo: the one preference-optimisation stage `run` without --stage runs; the others' sections
+    stay in the config, switched off (their `enabled` is then this key's to set). None: each section's `enabled`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -371,11 +374,15 @@ class RunConfig:
     preferences: PreferencesConfig = field(default_factory=lambda: PreferencesConfig(enabled=False))
     rm: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     dpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    kto: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    orpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    simpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
     grpo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
     rloo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    """How dpo, ppo, grpo and rloo are evaluated against their starting policy, and how sft's answers are sampled."""
+    """How the policy stages (dpo, kto, orpo, simpo, ppo, grpo, rloo) are evaluated against their starting policy, and
+    how sft's answers are sampled."""
 
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -406,6 +413,8 @@ class Stage:
     """It trains in the processes `accelerate launch` starts when `distributed:` asks for several, or DeepSpeed."""
     evaluated: bool = False
     """Its result is compared with the policy it started from (evaluation:), by the runner once it has saved it."""
+    optimises_preferences: bool = False
+    """It is one of the offline preference-optimisation stages the run's `preference_optimisation` key chooses from."""
     uses: Callable[[RunConfig], list[str]] = lambda config: []
     """The models it uses besides its starting one (a judge's, its reward's, its critic's): stage names or paths.
     Those that are stages of this run join its inputs, so a retrained reward model re-runs what scores with it."""
@@ -438,7 +447,14 @@ REGISTRY = {stage.name: stage for stage in (
     Stage("sft", StageConfig, "trl:SFTConfig", "policy", starts_later_stages=True, launched=True),
     Stage("preferences", PreferencesConfig, None, "pairs", uses=_preferences_uses),
     Stage("rm", StageConfig, "trl:RewardConfig", "reward_model", data_from="preferences", launched=True),
-    Stage("dpo", StageConfig, "trl:DPOConfig", "policy", data_from="preferences", launched=True, evaluated=True),
+    Stage("dpo", StageConfig, "trl:DPOConfig", "policy", data_from="preferences", launched=True, evaluated=True,
+          optimises_preferences=True),
+    Stage("kto", StageConfig, "trl:KTOConfig", "policy", data_from="preferences", launched=True, evaluated=True,
+          optimises_preferences=True),
+    Stage("orpo", StageConfig, "trl.experimental.orpo:ORPOConfig", "policy", data_from="preferences", launched=True,
+          evaluated=True, optimises_preferences=True),
+    Stage("simpo", StageConfig, "trl.experimental.cpo:CPOConfig", "policy", data_from="preferences", launched=True,
+          evaluated=True, optimises_preferences=True),
     Stage("ppo", PPOConfig, "pipeline.config:PPOTrainerConfig", "policy", launched=True, evaluated=True,
           uses=_ppo_uses),
     Stage("grpo", OnlineRLConfig, "trl:GRPOConfig", "policy", launched=True, evaluated=True,
@@ -447,6 +463,7 @@ REGISTRY = {stage.name: stage for stage in (
           uses=lambda config: _reward_uses(config.rloo.reward)),
 )}
 STAGE_ORDER = tuple(REGISTRY)
+PREFERENCE_OPTIMISERS = tuple(name for name, stage in REGISTRY.items() if stage.optimises_preferences)
 
 
 class _Loader(yaml.SafeLoader):
@@ -479,8 +496,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         _apply_override(raw, item)
     config = _build(RunConfig, raw, prefix="", source=str(path))
     config.source = str(path)
+    _choose_preference_optimisation(config, raw)
     _check_values(config)
     return config
+
+
+def _choose_preference_optimisation(config: RunConfig, raw: dict) -> None:
+    """`preference_optimisation: X` switches X on and the other preference-optimisation stages off, whether or not
+    their sections are written out: one key swaps dpo for kto, orpo or simpo. A section that also sets `enabled`
+    would say the same thing a second time, possibly the opposite, so it is refused rather than overruled."""
+    choice = config.preference_optimisation
+    if choice is None:
+        return
+    if choice not in PREFERENCE_OPTIMISERS:
+        raise ConfigError(f"{config.source}: preference_optimisation '{choice}' is not one of "
+                          f"{', '.join(PREFERENCE_OPTIMISERS)}{suggest(choice, PREFERENCE_OPTIMISERS)}")
+    for name in PREFERENCE_OPTIMISERS:
+        if isinstance(raw.get(name), dict) and "enabled" in raw[name]:
+            raise ConfigError(f"{config.source}: {name}.enabled is set, but preference_optimisation ({choice}) decides "
+                              f"which of {', '.join(PREFERENCE_OPTIMISERS)} runs; remove {name}.enabled, or remove "
+                              "preference_optimisation to switch each stage with its own `enabled`")
+        config.stage(name).enabled = name == choice
 
 
 def _apply_override(raw: dict, item: str) -> None:

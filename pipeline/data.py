@@ -403,6 +403,13 @@ def _check_format(format: str) -> None:
 
 
 
+def record_conversation(data: dict, path, line: int, format: str) -> Conversation:
+    """One record of a .jsonl/.json file in the messages, sharegpt or alpaca format, by the same rules and with the
+    same path:line:field errors as load_conversations (kto reads its feedback rows' conversations this way)."""
+    converters = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca}
+    return converters[format](_Record(data, str(path), line, {}))
+
+
 def load_conversations(path, format: str = "auto", columns: dict[str, str] | None = None,
                        delimiters: Delimiters | None = None) -> list[Conversation]:
     """Chat data for SFT from .txt (delimited only), .jsonl or .json, in the internal schema."""

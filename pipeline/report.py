@@ -159,7 +159,8 @@ def loss_section(stages: list[Stage]) -> Section | None:
     if not curves:
         return None
     text = ("Training loss per logged step (metrics.jsonl) and, where a stage holds data out, the held-out loss "
-            "(step 0 is before training). rm's loss is the Bradley-Terry loss, dpo's the DPO loss.")
+            "(step 0 is before training). rm's loss is the Bradley-Terry loss; dpo, kto, orpo and simpo each "
+            "have their own preference loss (orpo's includes the chosen answers' NLL).")
     return Section("Training curves", [text, Plot("loss per stage", plots.loss_curves(curves))])
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from pipeline.config import RunConfig
+from pipeline.config import PREFERENCE_OPTIMISERS, RunConfig
 from pipeline.distributed import is_main_process
 from pipeline.log import console
 
@@ -144,9 +144,13 @@ def headline(metrics: dict) -> str:
         f1 = metrics.get("rm/eval_f1")  # absent from runs made before rm measured it
         parts.append(f"held-out accuracy {_fmt(metrics.get('rm/eval_accuracy_before'))} → "
                      f"{metrics['rm/eval_accuracy']:.3f}" + ("" if f1 is None else f", F1 {_fmt(f1, 3)}"))
-    if metrics.get("dpo/eval_accuracy") is not None:
-        parts.append(f"held-out reward accuracy {_fmt(metrics.get('dpo/eval_accuracy_before'))} → "
-                     f"{metrics['dpo/eval_accuracy']:.3f}")
+    for name in PREFERENCE_OPTIMISERS:  # implicit rewards: accuracy on held-out pairs, or kto's margin (unpaired)
+        if metrics.get(f"{name}/eval_accuracy") is not None:
+            parts.append(f"held-out reward accuracy {_fmt(metrics.get(f'{name}/eval_accuracy_before'))} → "
+                         f"{metrics[f'{name}/eval_accuracy']:.3f}")
+        elif metrics.get(f"{name}/eval_margin") is not None:
+            parts.append(f"held-out reward margin {_fmt(metrics.get(f'{name}/eval_margin_before'))} → "
+                         f"{metrics[f'{name}/eval_margin']:.3f}")
     for key in sorted(k for k in metrics if k.endswith("/reward_mean") and metrics[k] is not None):
         space = key.removesuffix("/reward_mean")  # ppo, grpo, rloo: the stages that learn from a reward online
         parts.append(f"reward {_fmt(metrics.get(f'{space}/reward_mean_first'), 3)} → {metrics[key]:.3f}, "

@@ -1,4 +1,5 @@
-"""Existing preference datasets into `PreferenceRow`s (prompt messages, chosen, rejected), validated strictly.
+"""Existing preference datasets into `PreferenceRow`s (prompt messages, chosen, rejected), and unpaired feedback
+files into `FeedbackRow`s (prompt messages, completion, label: see load_feedback), validated strictly.
 
 Accepted formats (.jsonl or .json, via `pipeline.data.read_records`):
   - prompt:   {"prompt", "chosen", "rejected"}; each a string or a message list [{"role", "content"}].
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 from pipeline import data as data_formats
 from pipeline.data import read_records
 from pipeline.errors import ConfigError, DataError
-from reward.pairs import Pair, PreferenceRow
+from reward.pairs import FeedbackRow, Pair, PreferenceRow
 
 FORMATS = ("auto", "prompt", "hh", "sharegpt")
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -240,6 +241,59 @@ def load_preferences(path, format: str = "auto") -> list[PreferenceRow]:
         if format == "auto":
             format = data_formats.detect_in_file(path, line, data, PREFERENCE_SIGNS, "preference ")
         rows.append(_CONVERTERS[format](_Record(data, str(path), line)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- unpaired feedback (KTO)
+
+FEEDBACK_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+# How `format: auto` recognises a feedback format: a conversation in one of sft's formats, or TRL's unpaired layout.
+FEEDBACK_SIGNS = (*data_formats.CONVERSATION_SIGNS[:3],
+                  ("prompt_completion", "completion", "'prompt' and 'completion'"))
+# TRL, and LLaMA-Factory's own KTO demo file, call the thumbs up or down `label`; LLaMA-Factory's dataset_info.json
+# names that column `kto_tag`, which its README's examples also use as the field's name.
+LABEL_FIELDS = ("label", "kto_tag")
+
+
+def _feedback_label(rec: _Record) -> bool:
+    given = [field for field in LABEL_FIELDS if field in rec.data]
+    if not given:
+        raise rec.error("label", "is required but missing: true for a desirable response, false for an undesirable "
+                                 "one (LLaMA-Factory's kto_tag is read too)")
+    if len(given) > 1:
+        raise rec.error("kto_tag", "label and kto_tag are both given; keep one")
+    value = rec.data[given[0]]
+    if not isinstance(value, bool):
+        raise rec.error(given[0], f"must be true or false, found {_json_type(value)} {value!r}")
+    return value
+
+
+def _prompt_completion(rec: _Record) -> tuple[list[dict], str]:
+    """TRL's unpaired layout: "prompt" (a string or messages) and "completion" (a string, the assistant's turn, or the
+    whole conversation ending in it)."""
+    prompt = _prompt_messages(rec) if "prompt" in rec.data else None
+    if prompt is None:
+        raise rec.error("prompt", "is required but missing")
+    return prompt, _response(rec, "completion", rec.get("completion"), prompt)[1]
+
+
+def load_feedback(path, format: str = "auto") -> list[FeedbackRow]:
+    """Unpaired thumbs-up/down rows from a .jsonl or .json file: a conversation in the messages, sharegpt or alpaca
+    format whose last assistant turn is the response judged (LLaMA-Factory's KTO files), or {"prompt", "completion"}
+    (TRL's); with a boolean "label" (or "kto_tag"). Every malformed record is a DataError naming path, line, field."""
+    if format not in FEEDBACK_FORMATS:
+        raise ConfigError(f"unknown feedback format {format!r}; valid formats: {', '.join(FEEDBACK_FORMATS)}")
+    rows = []
+    for line, data in read_records(path):
+        if format == "auto":
+            format = data_formats.detect_in_file(path, line, data, FEEDBACK_SIGNS, "feedback ")
+        rec = _Record(data, str(path), line)
+        if format == "prompt_completion":
+            prompt, completion = _prompt_completion(rec)
+        else:
+            messages = list(data_formats.record_conversation(data, path, line, format).messages)
+            prompt, completion = messages[:-1], messages[-1]["content"]
+        rows.append(FeedbackRow(prompt, completion, _feedback_label(rec), f"{path}:{line}"))
     return rows
 
 

@@ -82,6 +82,21 @@ class PreferenceRow:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One response with a thumbs up or down, unpaired (KTO's data): label True marks a desirable response."""
+    prompt: list[dict]
+    completion: str
+    label: bool
+    source: str | None = None  # "path:line"
+
+
+def unpaired(rows: list[PreferenceRow]) -> list[FeedbackRow]:
+    """Each chosen/rejected pair as two feedback rows: the chosen response desirable, the rejected one not."""
+    return [FeedbackRow(row.prompt, response, label, row.source)
+            for row in rows for response, label in ((row.chosen, True), (row.rejected, False))]
+
+
 # ---------------------------------------------------------------------------- the label store
 
 def is_number(value: Any) -> bool:

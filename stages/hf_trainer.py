@@ -1,6 +1,7 @@
 """The steps every stage that trains with a Hugging Face trainer takes (cpt and sft through SFTTrainer, rm through
-RewardTrainer, dpo through DPOTrainer): the trainer config from the stage's `trainer:` keys, the options the runner
-owns, the start adapter merged into the weights, training with resume, and the atomic save of final/.
+RewardTrainer, dpo, kto, orpo and simpo through TRL's preference trainers): the trainer config from the stage's
+`trainer:` keys, the options the runner owns, the start adapter merged into the weights, training with resume, and
+the atomic save of final/.
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ def max_length(stage: str, trainer: dict) -> int:
     return trainer.get("max_length") or REGISTRY[stage].trainer_config().__dataclass_fields__["max_length"].default
 
 
-def check_trainer_keys(config, stage: str, defaults: dict | None = None) -> None:
-    """Before any compute: the stage's `trainer:` keys (over `defaults`) build its trainer config."""
+def check_trainer_keys(config, stage: str, defaults: dict | None = None):
+    """Before any compute: the stage's `trainer:` keys (over `defaults`) build its trainer config, which is returned."""
     trainer = {**(defaults or {}), **config.stage(stage).trainer}
-    trainer_args(REGISTRY[stage].trainer_config(), stage, trainer, config.seed, output_dir="unused")
+    return trainer_args(REGISTRY[stage].trainer_config(), stage, trainer, config.seed, output_dir="unused")
 
 
 def merge_start_adapter(ctx: StageContext, tokenizer):
@@ -108,6 +109,9 @@ def merge_start_adapter(ctx: StageContext, tokenizer):
     from pipeline.models import load_policy
 
     model = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer).train()
+    # PEFT froze the base weights when it loaded the adapter, and merging keeps them frozen: full fine-tuning would
+    # find nothing to train (a new adapter freezes them again itself).
+    model.requires_grad_(True)
     return model, save_merged_base(ctx, model, tokenizer)
 
 

@@ -1,5 +1,5 @@
-"""Chosen/rejected rows for the stages that train on preferences (rm, dpo): from the preferences stage's output or
-the stage's own `data.train` file, with a held-out split by prompt."""
+"""Chosen/rejected rows for the stages that train on preferences (rm, dpo, kto, orpo, simpo): from the preferences
+stage's output or the stage's own `data.train` file, with a held-out split by prompt."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from reward.importers import FORMATS
 from reward.pairs import PreferenceRow
-
 
 
 def check_format(config: RunConfig, stage: str) -> None:
@@ -37,6 +36,15 @@ def split_by_prompt(rows: list[PreferenceRow], fraction: float, seed: int) -> tu
     return train, [row for row in rows if prompt_key(row) in held]
 
 
+def stage_output(data_from: Path) -> list[PreferenceRow]:
+    """The chosen/rejected rows the preferences stage wrote into its final/ directory `data_from`."""
+    from reward.importers import load_preferences
+
+    path = data_from / "preferences.jsonl"
+    # Every pair a tie is a result of the preferences stage (reported there), not a malformed file.
+    return load_preferences(path, "prompt") if path.stat().st_size else []
+
+
 def load_rows(config: RunConfig, stage: str, data_from: Path | None) -> tuple[list, list]:
     """(train, held-out) rows; ([], []) when the data comes from the preferences stage and it has not run yet."""
     from reward.importers import load_preferences
@@ -45,9 +53,7 @@ def load_rows(config: RunConfig, stage: str, data_from: Path | None) -> tuple[li
     if data.train:
         rows = load_preferences(data.train, data.format)
     elif data_from is not None:
-        path = data_from / "preferences.jsonl"
-        # Every pair a tie is a result of the preferences stage (reported there), not a malformed file.
-        rows = load_preferences(path, "prompt") if path.stat().st_size else []
+        rows = stage_output(data_from)
     else:
         return [], []
     if data.eval:

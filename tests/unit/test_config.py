@@ -483,3 +483,25 @@ def test_every_registered_stage_has_its_section_and_module():
     stage_fields = [name for name, f in fields.items() if any(f.type in (s.section, s.section.__name__)
                                                               for s in REGISTRY.values())]
     assert stage_fields == list(REGISTRY)  # RunConfig's sections come in pipeline order, as config.yaml shows them
+
+
+def test_one_key_switches_the_demo_s_preference_optimisation_stage(tmp_path, in_repo):
+    """preference_optimisation names the one of dpo, kto, orpo, simpo that `run` runs; the demo keeps dpo."""
+    from pipeline.config import PREFERENCE_OPTIMISERS
+
+    def chosen(config):
+        return [name for name in PREFERENCE_OPTIMISERS if config.stage(name).enabled]
+
+    assert PREFERENCE_OPTIMISERS == ("dpo", "kto", "orpo", "simpo")
+    assert chosen(load_config(None)) == ["dpo"]
+    for name in PREFERENCE_OPTIMISERS:
+        config = load_config(None, [f"preference_optimisation={name}"])
+        assert chosen(config) == [name]
+        assert selected_stages(config, None) == ["cpt", "sft", "preferences", "rm", name, "ppo"]
+        preflight(config, [name])
+    with pytest.raises(ConfigError, match=r"preference_optimisation 'orpoo' is not one of .*did you mean 'orpo'"):
+        load_config(None, ["preference_optimisation=orpoo"])
+    with pytest.raises(ConfigError, match=r"kto.enabled is set, but preference_optimisation \(dpo\) decides"):
+        load_config(None, ["kto.enabled=true"])
+    # Without the key each section decides, as for every other stage: writing one out switches it on.
+    assert chosen(load_config(write_config(tmp_path, minimal(kto={}, orpo={"enabled": False})))) == ["kto"]
