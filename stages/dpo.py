@@ -36,6 +36,10 @@ def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
 
 
 def check(config: RunConfig) -> str:
+    if config.peft.method not in ("lora", "full"):
+        raise ConfigError(f"dpo with peft.method={config.peft.method}: the reference is the policy with its adapter "
+                          "switched off, which needs lora (or full, with a frozen copy): set peft.method to lora or "
+                          "full")
     preference_data.check_format(config, NAME)
     train, held_out = load(config)
     hf_trainer.check_trainer_keys(config, NAME)
@@ -73,9 +77,6 @@ def _policy(ctx: StageContext, tokenizer):
     peft_config = peft_config_for(ctx.config.peft)
     if peft_config is None:
         return model, base_dir  # full fine-tuning: DPOTrainer loads a frozen reference copy from base_dir
-    if ctx.config.peft.method != "lora":
-        raise ConfigError(f"dpo with peft.method={ctx.config.peft.method}: the reference is the policy with its "
-                          "adapter switched off, which needs lora (or full)")
     return get_peft_model(model, peft_config), base_dir
 
 

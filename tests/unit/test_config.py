@@ -483,3 +483,17 @@ def test_every_registered_stage_has_its_section_and_module():
     stage_fields = [name for name, f in fields.items() if any(f.type in (s.section, s.section.__name__)
                                                               for s in REGISTRY.values())]
     assert stage_fields == list(REGISTRY)  # RunConfig's sections come in pipeline order, as config.yaml shows them
+
+
+def test_null_means_unset_for_optional_keys_and_says_how_for_the_others(tmp_path):
+    """`--set ppo.reward.model=null` is as valid as `preferences.judge.path=null` where the reward type needs no
+    model; where it does, and for a key that cannot be null, the error says what to give instead."""
+    path = write_config(tmp_path, minimal())
+    off = ["ppo.enabled=false", "preferences.enabled=false"]
+    rule = ["ppo.reward.type=rule", "ppo.reward.function=reward.rules:specificity"]
+    assert load_config(path, [*off, *rule, "ppo.reward.model=null"]).ppo.reward.model is None
+    assert load_config(path, [*off, "preferences.judge.path=null"]).preferences.judge.path is None
+    with pytest.raises(ConfigError, match=r"ppo.reward.model \(rm, or a reward model directory\) is required"):
+        load_config(path, [*off, "ppo.reward.model=null"])
+    with pytest.raises(ConfigError, match="'seed' cannot be null: give int, or leave the key out"):
+        load_config(path, ["seed="])
