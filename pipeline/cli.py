@@ -120,7 +120,7 @@ def cmd_validate(args) -> int:
     from pipeline.validate import validate
 
     runner, names = _setup(args)
-    return validate(runner.config, names)
+    return validate(runner, names)
 
 
 def _check_judge_is_human(run_dir: Path) -> None:

@@ -252,8 +252,8 @@ class RewardSourceConfig:
     type: str = "reward_model"
     """reward_model (a scalar from a Bradley-Terry model), rule (a Python scoring function) or judge (any AI judge,
     as `judge` describes: online RLAIF)."""
-    model: str = "rm"
-    """reward_model: a stage name of this run (rm) or a reward model directory."""
+    model: str | None = "rm"
+    """reward_model: a stage name of this run (rm) or a reward model directory (unused by the other types)."""
     function: str | None = None
     """rule: 'module:function' scoring (prompt messages, response) -> float."""
     judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(type="contrastive"))
@@ -569,6 +569,8 @@ def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, base) and not (base is int and isinstance(value, bool)):
             return copy.deepcopy(value)
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    if value is None:  # `key: ` or `--set key=` in YAML is null: say how to get the default back
+        raise ConfigError(f"{source}: '{key}' cannot be null: give {names}, or leave the key out for its default")
     raise ConfigError(f"{source}: '{key}' must be {names}, got {_kind(value)} {value!r}")
 
 

@@ -47,6 +47,25 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def check_causal_lm(name_or_path: str) -> None:
+    """Every stage trains and samples a decoder-only causal LM: refuse anything else from its config.json alone,
+    before PEFT or a trainer meets it (an encoder-decoder such as T5 fails deep inside them otherwise)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if name_or_path in BUILTIN_MODELS:
+        return
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model.name_or_path '{name_or_path}': its config.json does not load: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
+    if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        kind = "an encoder-decoder (seq2seq)" if config.is_encoder_decoder else "not a causal language"
+        raise ConfigError(f"model.name_or_path '{name_or_path}' is {kind} model ({config.model_type}); the pipeline "
+                          "trains decoder-only causal LMs (Llama, Qwen, SmolLM, GPT-2...): choose one of those")
+
+
 def _materialise(name: str, target: Path) -> None:
     # Built into a temporary sibling and renamed, so an interrupted conversion never leaves a half-written model.
     target.parent.mkdir(parents=True, exist_ok=True)

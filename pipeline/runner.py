@@ -26,8 +26,11 @@ from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
 from pipeline.log import log, warn
-from pipeline.models import BUILTIN_MODELS, resolve_model_path
+from pipeline.models import PEFT_TYPES, check_causal_lm, resolve_model_path
 from stages import STAGES
+
+
+PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning", "p_tuning")
 
 
 def referenced_stages(config: RunConfig, name: str) -> list[str]:
@@ -73,8 +76,7 @@ def preflight(config: RunConfig, names: list[str]) -> None:
     from pipeline.models import peft_config_for
 
     peft_config_for(config.peft)
-    if config.model.name_or_path not in BUILTIN_MODELS:
-        resolve_model_path(config.model.name_or_path)
+    check_causal_lm(config.model.name_or_path)
     for name in names:
         STAGES[name].check(config)
 
@@ -86,20 +88,25 @@ class Runner:
 
     # ---------------------------------------------------------------- inputs
 
-    def _init_source(self, name: str, will_run: set[str]) -> tuple[ModelSource | None, str | None]:
-        """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
+    def _resolved_init(self, name: str, will_run: set[str], quiet: bool = False) -> str:
+        """`init_from` with auto resolved: base, a stage name, or a path."""
         init = self.config.stage(name).init_from
-        if init == "auto":
-            earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)]
-                       if REGISTRY[s].starts_later_stages and self.config.stage(s).enabled]
-            if earlier:
-                init = earlier[-1]
-                if init not in will_run and not self._completed(init):
-                    warn(f"{name}: {init} is enabled but has not completed in {self.run_dir}; "
-                         f"{name} starts from the base model")
-                    init = "base"
-            else:
-                init = "base"
+        if init != "auto":
+            return init
+        earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)]
+                   if REGISTRY[s].starts_later_stages and self.config.stage(s).enabled]
+        if not earlier:
+            return "base"
+        if earlier[-1] not in will_run and not self._completed(earlier[-1]):
+            if not quiet:
+                warn(f"{name}: {earlier[-1]} is enabled but has not completed in {self.run_dir}; "
+                     f"{name} starts from the base model")
+            return "base"
+        return earlier[-1]
+
+    def _init_source(self, name: str, will_run: set[str], quiet: bool = False) -> tuple[ModelSource | None, str | None]:
+        """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
+        init = self._resolved_init(name, will_run, quiet)
         if init == "base":
             base = resolve_model_path(self.config.model.name_or_path)
             return ModelSource(base, None, f"the base model {self.config.model.name_or_path}"), None
@@ -153,8 +160,8 @@ class Runner:
 
     # ---------------------------------------------------------------- decisions
 
-    def decide(self, name: str, will_run: set[str]) -> Decision:
-        init, upstream = (self._init_source(name, will_run) if STAGES[name].uses_model(self.config)
+    def decide(self, name: str, will_run: set[str], quiet: bool = False) -> Decision:
+        init, upstream = (self._init_source(name, will_run, quiet) if STAGES[name].uses_model(self.config)
                           else (None, None))
         data_upstream = self._data_source(name, will_run)
         stage_dir = self.run_dir / name
@@ -209,10 +216,41 @@ class Runner:
                 f"{before}, or pass --fresh to move that progress to .history/ and start over"
             )
 
-    def plan(self, names: list[str]) -> list[Decision]:
+    def _start_adapter_type(self, name: str, will_run: set[str]) -> tuple[str | None, str]:
+        """The peft_type of the adapter `name` will start from (None: full weights), and where it comes from."""
+        init = self._resolved_init(name, will_run, quiet=True)
+        if init == "base":
+            return None, "the base model"
+        if init in STAGES:
+            if init in will_run:  # it trains with this config's peft.method (cpt and sft continue their own kind)
+                return PEFT_TYPES.get(self.config.peft.method), f"{init}, trained with peft.method={self.config.peft.method}"
+            if self._completed(init):
+                return ModelSource.of_stage(self.run_dir / init).adapter_method, f"{init}'s final/ in {self.run_dir}"
+            return None, init  # decide() says that it has not completed
+        adapter = Path(init) / "adapter_config.json"
+        return (ModelSource(Path(init), Path(init)).adapter_method if adapter.exists() else None), f"the adapter {init}"
+
+    def check_start_adapters(self, names: list[str]) -> None:
+        """A prompt-learning adapter (prefix, prompt, p_tuning) adds virtual tokens, not weights: a stage that folds
+        the adapter it starts from into the weights it trains (rm, dpo, ppo; cpt and sft when their own method
+        differs) cannot start from one. Checked before any stage runs, not when the stage after it loads."""
+        will_run = set(names)
+        own = PEFT_TYPES.get(self.config.peft.method)
+        for name in names:
+            if not STAGES[name].uses_model(self.config) or REGISTRY[name].output == "pairs":
+                continue  # preferences samples with the adapter as it is
+            kind, where = self._start_adapter_type(name, will_run)
+            continues = REGISTRY[name].starts_later_stages and kind == own
+            if kind in PROMPT_LEARNING and not continues:
+                raise ConfigError(
+                    f"{name} starts from a {kind} adapter ({where}), which adds virtual tokens rather than weights and "
+                    f"cannot be merged into the model {name} trains: train the stage before it with peft.method lora "
+                    f"or ia3 (or full), or set {name}.init_from to base or a LoRA adapter")
+
+    def plan(self, names: list[str], quiet: bool = False) -> list[Decision]:
         decisions, will_run = [], set()
         for name in names:
-            decision = self.decide(name, will_run)
+            decision = self.decide(name, will_run, quiet)
             if decision.action != "skip":
                 will_run.add(name)
             decisions.append(decision)
@@ -220,9 +258,16 @@ class Runner:
 
     # ---------------------------------------------------------------- running
 
+    def preflight(self, names: list[str]) -> None:
+        """Everything `run` checks before it writes anything: the config and data (preflight), the adapters the
+        stages start from, and the decisions (a stage's input missing, progress made under another config)."""
+        preflight(self.config, names)
+        self.check_start_adapters(names)
+        self.plan(names, quiet=True)
+
     def run(self, names: list[str]) -> list[dict]:
         launch.check_main_machine(self.config)
-        preflight(self.config, names)
+        self.preflight(names)
         summary = []
         with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))

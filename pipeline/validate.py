@@ -7,7 +7,6 @@ from pipeline.errors import ConfigError
 from pipeline.log import console, log
 from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
 from pipeline.render import show_sample
-from pipeline.runner import preflight
 from stages import STAGES
 from stages.hf_trainer import max_length
 
@@ -34,8 +33,10 @@ def check_peft_targets(config: RunConfig) -> str:
     return f"{config.peft.method}: target modules {sorted(targets)} found"
 
 
-def validate(config: RunConfig, names: list[str]) -> int:
-    preflight(config, names)
+def validate(runner, names: list[str]) -> int:
+    """`runner`: the pipeline.runner.Runner `run` would use, whose preflight this is."""
+    config = runner.config
+    runner.preflight(names)
     tokenizer = load_tokenizer(config.model)
     log(f"model: {config.model.name_or_path}; pad={tokenizer.pad_token!r} eos={tokenizer.eos_token!r}; "
         f"chat template: {'yes' if tokenizer.chat_template else 'none'}")

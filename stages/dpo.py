@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.errors import ConfigError
 from stages import preference_data, preference_opt
 
 NAME = "dpo"
@@ -33,6 +34,10 @@ def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
 
 
 def check(config: RunConfig) -> str:
+    if config.peft.method not in ("lora", "full"):
+        raise ConfigError(f"dpo with peft.method={config.peft.method}: the reference is the policy with its adapter "
+                          "switched off, which needs lora (or full, with a frozen copy): set peft.method to lora or "
+                          "full")
     preference_data.check_format(config, NAME)
     return preference_opt.check(config, NAME, load)
 

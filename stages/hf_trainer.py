@@ -22,6 +22,13 @@ from pipeline.log import log, warn
 
 # Keys the runner owns: a user setting them would scatter a stage's artifacts or bypass tracking settings.
 MANAGED_KEYS = ("output_dir", "report_to", "run_name", "resume_from_checkpoint", "deepspeed", "eval_on_start")
+# Keys that tell a TRL trainer how to load a model from a name. The pipeline hands every trainer a model it loaded
+# itself (pipeline.models), so the trainer would ignore them (DPOTrainer under full fine-tuning would apply them to
+# its reference alone): refused rather than accepted and dropped. Remote code never runs.
+MODEL_LOADING_KEYS = {
+    "model_init_kwargs": "set model.dtype (and model.chat_template) instead",
+    "trust_remote_code": "models load without remote code; use a model transformers implements",
+}
 
 
 def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
@@ -33,6 +40,10 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
                               "--run-dir)")
         if key not in valid:
             raise ConfigError(f"{stage}.trainer.{key} is not an option of {config_cls.__name__}{suggest(key, valid)}")
+        if key in MODEL_LOADING_KEYS and trainer[key]:
+            raise ConfigError(f"{stage}.trainer.{key} would be ignored: the pipeline loads the model itself; "
+                              f"{MODEL_LOADING_KEYS[key]}")
+        _check_choice(config_cls, stage, key, trainer[key])
     kwargs = {
         "seed": seed,
         # TRL defaults to bf16, which CPUs without native support run slowly or not at all.
@@ -46,6 +57,31 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
         return config_cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{stage}.trainer: {exc}") from None
+
+
+def declared_choices(config_cls, key: str) -> list[str] | None:
+    """The values a trainer option takes, as its dataclass declares them: the `choices` metadata, or for an option
+    that has none (DPOConfig.loss_type) the values its help lists after "Possible values are"."""
+    import re
+
+    field = {f.name: f for f in dataclasses.fields(config_cls)}[key]
+    if field.metadata.get("choices"):
+        return list(field.metadata["choices"])
+    listed = re.search(r"Possible values are:?(.*?)(?:\.\s|$)", field.metadata.get("help", ""), re.S)
+    values = re.findall(r"`'([^'`]+)'`", listed.group(1)) if listed else []
+    return values or None
+
+
+def _check_choice(config_cls, stage: str, key: str, value) -> None:
+    """A value outside an option's declared choices fails only when the trainer first uses it (DPO's loss_type in
+    the first loss computation, after the model is loaded): refuse it before any compute."""
+    choices = declared_choices(config_cls, key)
+    if choices is None:
+        return
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and item not in choices:
+            raise ConfigError(f"{stage}.trainer.{key} '{item}' is not one of {', '.join(choices)} "
+                              f"({config_cls.__name__}){suggest(item, choices)}")
 
 
 def renamed_checkpointing(config_cls, stage: str, trainer: dict) -> dict:

@@ -505,3 +505,17 @@ def test_one_key_switches_the_demo_s_preference_optimisation_stage(tmp_path, in_
         load_config(None, ["kto.enabled=true"])
     # Without the key each section decides, as for every other stage: writing one out switches it on.
     assert chosen(load_config(write_config(tmp_path, minimal(kto={}, orpo={"enabled": False})))) == ["kto"]
+
+
+def test_null_means_unset_for_optional_keys_and_says_how_for_the_others(tmp_path):
+    """`--set ppo.reward.model=null` is as valid as `preferences.judge.path=null` where the reward type needs no
+    model; where it does, and for a key that cannot be null, the error says what to give instead."""
+    path = write_config(tmp_path, minimal())
+    off = ["ppo.enabled=false", "preferences.enabled=false"]
+    rule = ["ppo.reward.type=rule", "ppo.reward.function=reward.rules:specificity"]
+    assert load_config(path, [*off, *rule, "ppo.reward.model=null"]).ppo.reward.model is None
+    assert load_config(path, [*off, "preferences.judge.path=null"]).preferences.judge.path is None
+    with pytest.raises(ConfigError, match=r"ppo.reward.model \(rm, or a reward model directory\) is required"):
+        load_config(path, [*off, "ppo.reward.model=null"])
+    with pytest.raises(ConfigError, match="'seed' cannot be null: give int, or leave the key out"):
+        load_config(path, ["seed="])
