@@ -503,8 +503,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
 
 def _choose_preference_optimisation(config: RunConfig, raw: dict) -> None:
     """`preference_optimisation: X` switches X on and the other preference-optimisation stages off, whether or not
-    their sections are written out: one key swaps dpo for kto, orpo or simpo. A section that also sets `enabled`
-    would say the same thing a second time, possibly the opposite, so it is refused rather than overruled."""
+    their sections are written out: one key swaps dpo for kto, orpo or simpo. A section's own `enabled` that says
+    otherwise is refused rather than overruled; one that agrees (a run's resolved config.yaml writes every section's)
+    is kept."""
     choice = config.preference_optimisation
     if choice is None:
         return
@@ -512,11 +513,13 @@ def _choose_preference_optimisation(config: RunConfig, raw: dict) -> None:
         raise ConfigError(f"{config.source}: preference_optimisation '{choice}' is not one of "
                           f"{', '.join(PREFERENCE_OPTIMISERS)}{suggest(choice, PREFERENCE_OPTIMISERS)}")
     for name in PREFERENCE_OPTIMISERS:
-        if isinstance(raw.get(name), dict) and "enabled" in raw[name]:
-            raise ConfigError(f"{config.source}: {name}.enabled is set, but preference_optimisation ({choice}) decides "
-                              f"which of {', '.join(PREFERENCE_OPTIMISERS)} runs; remove {name}.enabled, or remove "
-                              "preference_optimisation to switch each stage with its own `enabled`")
-        config.stage(name).enabled = name == choice
+        chosen = name == choice
+        if isinstance(raw.get(name), dict) and raw[name].get("enabled", chosen) != chosen:
+            raise ConfigError(f"{config.source}: {name}.enabled is {str(not chosen).lower()}, but "
+                              f"preference_optimisation ({choice}) decides which of {', '.join(PREFERENCE_OPTIMISERS)} "
+                              f"runs; remove {name}.enabled, or remove preference_optimisation to switch each stage "
+                              "with its own `enabled`")
+        config.stage(name).enabled = chosen
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -1,6 +1,6 @@
 """Two CPU processes under DeepSpeed (gloo), launched by the pipeline through `accelerate launch`, exactly as README's
-multi-GPU command does: sft, rm, dpo, ppo, grpo and rloo train under ZeRO-2 and ZeRO-3, their adapters hold real trained weights, and a
-killed two-process run resumes."""
+multi-GPU command does: sft, rm, dpo, kto, orpo, simpo, ppo, grpo and rloo train under ZeRO-2 and ZeRO-3, their
+adapters hold real trained weights, and a killed two-process run resumes."""
 
 from __future__ import annotations
 
@@ -47,7 +47,9 @@ def _assert_trained_adapter(final_dir) -> None:
     assert lora_b and all(torch.count_nonzero(t) for t in lora_b), "a LoRA B matrix is still at its zero init"
 
 
-SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo")]
+PREFERENCE_OPTIMISERS = ("dpo", "kto", "orpo", "simpo")
+ONLINE = ("ppo", "grpo", "rloo")
+SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", *PREFERENCE_OPTIMISERS, *ONLINE)]
 
 
 def _model_that_often_stops_at_once(tmp_path, tiny_model_dir) -> str:
@@ -74,22 +76,28 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
         model = _model_that_often_stops_at_once(tmp_path, tiny_model_dir)
         shipped = [json.loads(line) for line in
                    (REPO / "data/preferences/beekeeping_pairs.jsonl").read_text().splitlines()[:40]]
-        pairs, rows = tmp_path / "pairs.jsonl", tmp_path / "rows.jsonl"
+        pairs, rows, feedback = tmp_path / "pairs.jsonl", tmp_path / "rows.jsonl", tmp_path / "feedback.jsonl"
         pairs.write_text("".join(json.dumps(pair) + "\n" for pair in shipped))
-        # The random judge's labels mean nothing, so rm and dpo train on the file's own labels.
-        rows.write_text("".join(json.dumps({
-            "prompt": pair["prompt"], "chosen": pair["response_" + pair["winner"]],
-            "rejected": pair["response_" + ("b" if pair["winner"] == "a" else "a")]}) + "\n"
-            for pair in shipped if pair["winner"] != "tie"))
+        # The random judge's labels mean nothing, so rm and the preference optimisers train on the file's own labels
+        # (kto on each pair as two unpaired rows, TRL's prompt/completion shape).
+        decided = [(pair["prompt"], pair["response_" + pair["winner"]],
+                    pair["response_" + ("b" if pair["winner"] == "a" else "a")])
+                   for pair in shipped if pair["winner"] != "tie"]
+        rows.write_text("".join(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n"
+                                for prompt, chosen, rejected in decided))
+        feedback.write_text("".join(json.dumps({"prompt": prompt, "completion": completion, "label": label}) + "\n"
+                                    for prompt, *responses in decided
+                                    for completion, label in zip(responses, (True, False))))
         judge = ["--set", f"preferences.pairs={pairs}", "--set", "preferences.judge.type=llm",
                  "--set", "preferences.judge.path=null", "--set", "preferences.judge.batch_size=4",
-                 "--set", f"rm.data.train={rows}", "--set", f"dpo.data.train={rows}"]
+                 "--set", f"rm.data.train={rows}", "--set", f"kto.data.train={feedback}",
+                 *(f"--set={name}.data.train={rows}" for name in ("dpo", "orpo", "simpo"))]
     else:
         model, judge = "tiny-random-smollm2", []
-    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", "dpo", "ppo", "grpo", "rloo"), *SHORT, *judge,
+    run_pipeline(*_args(run_dir, zero, "sft", "preferences", "rm", *PREFERENCE_OPTIMISERS, *ONLINE), *SHORT, *judge,
                  "--set", "evaluation.prompts=data/preferences/eval_prompts.jsonl", "--set", "evaluation.max_prompts=2",
                  "--set", f"model.name_or_path={model}")
-    for stage in ("sft", "rm", "dpo", "ppo", "grpo", "rloo"):
+    for stage in ("sft", "rm", *PREFERENCE_OPTIMISERS, *ONLINE):
         manifest = _manifest(run_dir, stage)
         assert manifest["status"] == "completed" and manifest["world_size"] == 2
         assert manifest["deepspeed"].endswith(f"{zero}.json")
@@ -98,8 +106,8 @@ def test_every_training_stage_in_two_processes(tmp_path, zero, tiny_model_dir):
     # sft's held-out prompts are answered on its saved result, as without DeepSpeed.
     assert _manifest(run_dir, "sft")["metrics"]["eval/references"] > 0
     _assert_trained_adapter(run_dir / "ppo" / "critic")  # the critic adapter and the value head
-    # dpo, ppo, grpo and rloo are compared with their starting policy by the runner, on the saved results.
-    for stage in ("dpo", "ppo", "grpo", "rloo"):
+    # The policy stages are compared with their starting policy by the runner, on the saved results.
+    for stage in (*PREFERENCE_OPTIMISERS, *ONLINE):
         metrics = _manifest(run_dir, stage)["metrics"]
         assert metrics["eval/wins"] + metrics["eval/ties"] + metrics["eval/losses"] == 2
         assert metrics["eval/kl_to_start"] is not None

@@ -501,8 +501,12 @@ def test_one_key_switches_the_demo_s_preference_optimisation_stage(tmp_path, in_
         preflight(config, [name])
     with pytest.raises(ConfigError, match=r"preference_optimisation 'orpoo' is not one of .*did you mean 'orpo'"):
         load_config(None, ["preference_optimisation=orpoo"])
-    with pytest.raises(ConfigError, match=r"kto.enabled is set, but preference_optimisation \(dpo\) decides"):
-        load_config(None, ["kto.enabled=true"])
+    for contradiction in ("kto.enabled=true", "dpo.enabled=false"):
+        with pytest.raises(ConfigError, match=r"\.enabled is (true|false), but preference_optimisation \(dpo\) decides"):
+            load_config(None, [contradiction])
+    # A run's resolved config.yaml, which every launched process reads, writes both the key and each `enabled`.
+    resolved = load_config(None, ["preference_optimisation=orpo"]).to_dict()
+    assert chosen(load_config(write_config(tmp_path, resolved, "resolved.yaml"))) == ["orpo"]
     # Without the key each section decides, as for every other stage: writing one out switches it on.
     assert chosen(load_config(write_config(tmp_path, minimal(kto={}, orpo={"enabled": False})))) == ["kto"]
 
