@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.lock import RunLock
 
 COMPLETE_MARKER = "COMPLETE"
@@ -38,11 +39,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON file's content, or None where there is none (yet): files written atomically are whole or absent."""
+    """A JSON object's content, or None where there is none (yet). Files written atomically are whole or absent, so
+    anything else was changed by something other than the pipeline (a bad copy, a dying disk): said, not guessed."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path} is damaged ({' '.join(str(exc).split())}); restore it, or move its stage aside "
+                            "with `run --fresh`") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is damaged (a JSON {type(data).__name__}, not an object); restore it, or move "
+                            "its stage aside with `run --fresh`")
+    return data
 
 
 def read_manifest(stage_dir: Path) -> dict | None:

@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 JUDGE_TYPES = ("human", "human_file", "llm", "contrastive", "api", "rule", "reward_model")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 PEFT_METHODS = ("lora", "prefix", "prompt", "p_tuning", "ia3", "full")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -488,8 +489,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x}); re-save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}:{_yaml_where(exc)} not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, found {type(raw).__name__}")
     for item in overrides:
@@ -522,6 +527,17 @@ def _choose_preference_optimisation(config: RunConfig, raw: dict) -> None:
         config.stage(name).enabled = chosen
 
 
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem (and its context) without the quoted source it draws."""
+    words = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    return " ".join(" ".join(str(w).split()) for w in words if w) or " ".join(str(exc).split())
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -532,7 +548,11 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: '{part}' is not a section")
-    node[leaf] = parse_yaml(value)  # an empty value is null, as in a YAML file: `--set key=` unsets key
+    try:
+        node[leaf] = parse_yaml(value)  # an empty value is null, as in a YAML file: `--set key=` unsets key
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML: {_yaml_problem(exc)} (quote a "
+                          "string that starts with [ { * & ! or holds ': ')") from None
 
 
 def _build(cls, raw: Any, prefix: str, source: str, defaults: Any = None):
@@ -583,6 +603,9 @@ def _check_values(config: RunConfig) -> None:
             f"{config.source}: peft.method '{config.peft.method}' is not one of {', '.join(PEFT_METHODS)}"
             f"{suggest(config.peft.method, PEFT_METHODS)}"
         )
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"{config.source}: model.dtype '{config.model.dtype}' is not one of {', '.join(DTYPES)}"
+                          f"{suggest(config.model.dtype, DTYPES)}")
     for target in config.tracking.report_to:
         if target not in ("wandb", "tensorboard"):
             raise ConfigError(f"{config.source}: tracking.report_to: '{target}' is not wandb or tensorboard")
@@ -590,6 +613,7 @@ def _check_values(config: RunConfig) -> None:
         stage = config.stage(name)
         if stage.enabled and REGISTRY[name].data_from is None and not stage.data.train:
             raise ConfigError(f"{config.source}: {name}.data.train is required when the {name} stage is enabled")
+        _check_data_format(config, name)
         for key in stage.data.delimiters:
             if key not in ("start", "sep", "eos"):
                 raise ConfigError(f"{config.source}: unknown key '{name}.data.delimiters.{key}'"
@@ -610,6 +634,23 @@ def _check_values(config: RunConfig) -> None:
     for name in (name for name, spec in REGISTRY.items() if spec.section is OnlineRLConfig):
         _check_prompts_and_reward(config, name)
     _check_distributed(config)
+
+
+def _check_data_format(config: RunConfig, name: str) -> None:
+    """format, columns and delimiters where the stage reads them; a stage that would ignore one refuses it. (rm's
+    and dpo's preference formats are checked by those stages, which know them.)"""
+    from pipeline.data import FORMATS
+
+    data, source = config.stage(name).data, config.source
+    formats = {"cpt": ("auto", "text"), "sft": ("auto", *(f for f in FORMATS if f != "text"))}
+    if name in formats and data.format not in formats[name]:
+        raise ConfigError(f"{source}: {name}.data.format '{data.format}' is not one of {', '.join(formats[name])}"
+                          f"{suggest(data.format, formats[name])}")
+    if data.columns and name not in formats:
+        raise ConfigError(f"{source}: {name}.data.columns: preference files are read by their own field names "
+                          "(formats prompt, hh, sharegpt); columns apply to cpt and sft")
+    if data.delimiters and name != "sft":
+        raise ConfigError(f"{source}: {name}.data.delimiters: only sft reads the delimited format")
 
 
 def _check_distributed(config: RunConfig) -> None:

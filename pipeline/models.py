@@ -68,8 +68,13 @@ def check_causal_lm(name_or_path: str) -> None:
 
 def _materialise(name: str, target: Path) -> None:
     # Built into a temporary sibling and renamed, so an interrupted conversion never leaves a half-written model.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    except OSError as exc:
+        raise PipelineError(f"the built-in model {name} is kept in {target.parent} (PIPELINE_CACHE_DIR), which "
+                            f"cannot be written ({exc.strerror}): point PIPELINE_CACHE_DIR at a writable "
+                            "directory") from None
     try:
         if name == "smollm2-135m-instruct":
             log(f"Converting SmolLM2-135M-Instruct from GGUF to safetensors in {target} (once, ~20 s)...")

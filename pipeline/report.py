@@ -69,14 +69,17 @@ def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSONL file; a torn last line (a kill mid-append) is left out, a torn earlier one is an error."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            records.append(record)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             if number < len(lines):
-                raise PipelineError(f"{path}:{number}: not JSON ({exc})") from None
+                raise PipelineError(f"{path}:{number}: not a JSON record ({' '.join(str(exc).split())})") from None
     return records
 
 

@@ -10,6 +10,7 @@ The decision for a stage, from its manifest and what it would consume now:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,19 @@ def preflight(config: RunConfig, names: list[str]) -> None:
     check_causal_lm(config.model.name_or_path)
     for name in names:
         STAGES[name].check(config)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any compute, a run directory that cannot be made or written: a file on its path, a read-only
+    filesystem, no permission (writes nothing to find out)."""
+    existing = run_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PipelineError(f"--run-dir {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(f"--run-dir {run_dir}: {existing} is not writable (permissions or a read-only "
+                            "filesystem); choose another --run-dir")
 
 
 class Runner:
@@ -267,6 +281,7 @@ class Runner:
 
     def run(self, names: list[str]) -> list[dict]:
         launch.check_main_machine(self.config)
+        check_writable(self.run_dir)
         self.preflight(names)
         summary = []
         with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.context import StageResult
 from pipeline.data import load_texts
+from pipeline.errors import ConfigError
 from pipeline.render import tokenize_documents
 from stages import lm
 
@@ -16,9 +17,13 @@ NAME = "cpt"
 def load(config: RunConfig) -> tuple[list, list]:
     """Parse and split the documents; raises DataError before any compute is spent."""
     data = config.cpt.data
-    documents = load_texts(Path(data.train), data.columns)
-    if data.eval:
-        return documents, load_texts(Path(data.eval), data.columns)
+    try:
+        documents = load_texts(Path(data.train), data.columns)
+        held_out = load_texts(Path(data.eval), data.columns) if data.eval else None
+    except ConfigError as exc:  # columns that are not the format's fields: the config's, not the file's
+        raise ConfigError(f"cpt.data: {exc}") from None
+    if held_out is not None:
+        return documents, held_out
     return lm.split_eval(documents, data.eval_split, config.seed)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.context import StageResult
 from pipeline.data import Delimiters, load_conversations
+from pipeline.errors import ConfigError
 from pipeline.render import tokenize_conversations
 from stages import lm
 
@@ -16,10 +17,16 @@ NAME = "sft"
 def load(config: RunConfig) -> tuple[list, list]:
     """Parse and split the conversations; raises DataError before any compute is spent."""
     data = config.sft.data
-    delimiters = Delimiters(**data.delimiters)
+    try:
+        delimiters = Delimiters(**data.delimiters)
+    except ConfigError as exc:
+        raise ConfigError(f"sft.data.{exc}") from None
 
     def read(path: str) -> list:
-        return load_conversations(Path(path), data.format, data.columns, delimiters)
+        try:
+            return load_conversations(Path(path), data.format, data.columns, delimiters)
+        except ConfigError as exc:  # columns that are not the format's fields: the config's, not the file's
+            raise ConfigError(f"sft.data: {exc}") from None
 
     if data.eval:
         return read(data.train), read(data.eval)
