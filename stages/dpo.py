@@ -44,7 +44,7 @@ def check(config: RunConfig) -> str:
     return f"{len(train)} train / {len(held_out)} eval pairs"
 
 
-def _rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[dict], int]:
+def trainer_rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[dict], int]:
     """Conversational rows for DPOTrainer (it applies the same chat template we render with); pairs whose longer
     side exceeds max_length are counted out rather than truncated, so no response is trained on half its text."""
     kept = []
@@ -57,8 +57,8 @@ def _rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[d
     return kept, len(rows) - len(kept)
 
 
-def _policy(ctx: StageContext, tokenizer):
-    """The model to train, and the directory of the weights its adapter applies to."""
+def start_policy(ctx: StageContext, tokenizer):
+    """The model to train from ctx.init, and the directory of the weights its adapter applies to."""
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -79,7 +79,7 @@ def _policy(ctx: StageContext, tokenizer):
     return get_peft_model(model, peft_config), base_dir
 
 
-def _held_out(trainer) -> dict:
+def held_out_metrics(trainer, who: str = NAME) -> dict:
     """TRL's implicit-reward accuracy and margin on the held-out pairs, before (eval_on_start) and after training."""
     from stages.metrics import loss_curves, overfitting
 
@@ -89,7 +89,7 @@ def _held_out(trainer) -> dict:
     metrics.update({"dpo/eval_accuracy": after.get("eval_rewards/accuracies"),
                     "dpo/eval_margin": after.get("eval_rewards/margins"), "dpo/eval_loss": after.get("eval_loss"),
                     "eval/overfitting": overfitting(*loss_curves(trainer.state.log_history, "eval_loss"))})
-    log(f"{NAME}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
+    log(f"{who}: held-out reward accuracy {metrics['dpo/eval_accuracy']:.1%}, margin "
         f"{metrics['dpo/eval_margin']:.3f}")
     return metrics
 
@@ -106,8 +106,8 @@ def run(ctx: StageContext) -> StageResult:
                             "tie and unlabelled counts)")
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     limit = hf_trainer.max_length(NAME, ctx.section.trainer)
-    train, dropped_train = _rows(tokenizer, train_rows, limit)
-    held_out, dropped_eval = _rows(tokenizer, eval_rows, limit)
+    train, dropped_train = trainer_rows(tokenizer, train_rows, limit)
+    held_out, dropped_eval = trainer_rows(tokenizer, eval_rows, limit)
     if dropped_train + dropped_eval:
         warn(f"{NAME}: {dropped_train + dropped_eval} pairs are longer than max_length={limit} tokens and were left "
              f"out ({dropped_train} train, {dropped_eval} eval)")
@@ -117,10 +117,10 @@ def run(ctx: StageContext) -> StageResult:
     data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(held_out),
                     "data/dropped_too_long": dropped_train + dropped_eval}
 
-    model, base_dir = _policy(ctx, tokenizer)
+    model, base_dir = start_policy(ctx, tokenizer)
     result = hf_trainer.fit(ctx, DPOTrainer, model, tokenizer, base_dir, Dataset.from_list(train),
                             Dataset.from_list(held_out) if held_out else None, ref_model=None,
-                            trainer_evaluates=bool(held_out), after=_held_out if held_out else None)
+                            trainer_evaluates=bool(held_out), after=held_out_metrics if held_out else None)
     result.metrics = {**data_metrics, **result.metrics}
     return result
 
