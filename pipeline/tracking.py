@@ -147,6 +147,11 @@ def headline(metrics: dict) -> str:
     if metrics.get("dpo/eval_accuracy") is not None:
         parts.append(f"held-out reward accuracy {_fmt(metrics.get('dpo/eval_accuracy_before'))} → "
                      f"{metrics['dpo/eval_accuracy']:.3f}")
+    if metrics.get("rounds/count") is not None:
+        parts.append(f"{metrics['rounds/count']} rounds, {metrics['rounds/decided_pairs']} pairs decided"
+                     + (f", judge win rate over the start {metrics['rounds/win_rate_first']:.0%} → "
+                        f"{metrics['rounds/win_rate_last']:.0%}" if metrics.get("rounds/win_rate_last") is not None
+                        else ""))
     if metrics.get("ppo/reward_mean") is not None:
         parts.append(f"reward {_fmt(metrics.get('ppo/reward_mean_first'), 3)} → {metrics['ppo/reward_mean']:.3f}, "
                      f"KL {_fmt(metrics.get('ppo/kl'), 2)}")

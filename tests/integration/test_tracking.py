@@ -24,6 +24,8 @@ EXPECTED = {
     "preferences": {"preferences/rows", "preferences/ties"},
     "rm": {"train/loss", "rm/eval_accuracy", "rm/eval_accuracy_before", "rm/eval_ece"},
     "dpo": {"train/loss", "train/rewards/accuracies", "dpo/eval_accuracy", "eval/win_rate", "eval/kl_to_start"},
+    "iterative_dpo": {"train/rewards/accuracies", "rounds/pairs/decided", "rounds/dpo/train_accuracy",
+                      "rounds/win/win_rate", "eval/win_rate"},
     "ppo": {"ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/response_length", "eval/win_rate"},
 }
 TABLES = {"rm": "rm/calibration", "dpo": "eval/samples", "ppo": "ppo/samples"}

@@ -483,3 +483,19 @@ def test_every_registered_stage_has_its_section_and_module():
     stage_fields = [name for name, f in fields.items() if any(f.type in (s.section, s.section.__name__)
                                                               for s in REGISTRY.values())]
     assert stage_fields == list(REGISTRY)  # RunConfig's sections come in pipeline order, as config.yaml shows them
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["iterative_dpo.judge.type=human"], "no person .* can label them; use an AI judge"),
+    (["iterative_dpo.judge.type=human_file", "iterative_dpo.judge.path=labels.jsonl"], "'human_file': each round"),
+    (["iterative_dpo.prompts="], "iterative_dpo.prompts .* is required"),
+    (["iterative_dpo.reference=initial"], "reference must be previous or start"),
+    (["iterative_dpo.rounds=0"], "rounds must be at least 1"),
+    (["iterative_dpo.win_rate_prompts=4", "evaluation.prompts="], "win_rate_prompts .* evaluation.prompts"),
+    (["iterative_dpo.sampling.num_responses=1"], "num_responses must be at least 2"),
+])
+def test_what_iterative_dpo_cannot_do_is_refused_before_any_compute(tmp_path, in_repo, settings, message):
+    data = minimal(iterative_dpo={"prompts": "data/preferences/prompts.jsonl", "judge": {"type": "contrastive"}})
+    assert load_config(write_config(tmp_path, data)).iterative_dpo.enabled
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, data), settings)
