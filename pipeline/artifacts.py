@@ -5,6 +5,8 @@ runs/<run>/<stage>/
     checkpoints/    checkpoint-N/ from the trainer; one counts only once it holds the COMPLETE marker
     final/          the stage's result (a PEFT adapter or a full model)
     metrics.jsonl   every logged metric, one JSON object per line
+    round_N/        a stage that works in rounds (iterative_dpo) keeps each round whole in its own directory, with
+                    its own checkpoints/ and final/; a round counts as finished once it holds round.json
 """
 
 from __future__ import annotations
@@ -106,6 +108,28 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+ROUND_DONE = "round.json"
+
+
+def round_dirs(stage_dir: Path) -> list[Path]:
+    """A stage's round_N/ directories, in round order."""
+    if not stage_dir.is_dir():
+        return []
+    found = [p for p in stage_dir.iterdir() if p.is_dir() and re.fullmatch(r"round_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def round_finished(round_dir: Path) -> bool:
+    return (round_dir / ROUND_DONE).exists()
+
+
+def current_checkpoints_dir(stage_dir: Path) -> Path:
+    """Where a stage's newest progress is checkpointed: <stage>/checkpoints, or, for a stage that works in rounds,
+    the checkpoints/ of its first unfinished round (finished rounds are never resumed into)."""
+    unfinished = [d for d in round_dirs(stage_dir) if not round_finished(d)]
+    return (unfinished[0] if unfinished else stage_dir) / "checkpoints"
+
+
 def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
@@ -132,6 +156,13 @@ def stage_status(run_dir: Path, name: str) -> dict:
         return {"status": "pending"}
     if manifest["status"] == "running" and not RunLock.is_held(run_dir):
         manifest["status"] = "interrupted"
-    checkpoints = complete_checkpoints(run_dir / name / "checkpoints")
-    manifest["newest_checkpoint"] = checkpoints[-1].name if checkpoints else None
+    where = current_checkpoints_dir(run_dir / name)
+    checkpoints = complete_checkpoints(where)
+    manifest["newest_checkpoint"] = checkpoint_name(run_dir / name, checkpoints[-1]) if checkpoints else None
     return manifest
+
+
+def checkpoint_name(stage_dir: Path, checkpoint: Path) -> str:
+    """checkpoint-N, or round_K/checkpoint-N for a stage that works in rounds."""
+    parent = checkpoint.parent.parent
+    return checkpoint.name if parent == stage_dir else f"{parent.name}/{checkpoint.name}"

@@ -222,6 +222,42 @@ class PreferencesConfig:
     """A human_file of labels for the same pairs; agreement, Cohen's kappa, tie and order-flip rates are reported."""
 
 
+REFERENCES = ("previous", "start")
+
+
+@dataclass
+class IterativeDPOConfig:
+    """Online RLAIF by rounds: sample pairs from the current policy, label them with an AI judge, train DPO on them."""
+
+    enabled: bool = True
+    """Whether `run` without --stage runs this stage."""
+    init_from: str = "auto"
+    """The policy round 1 samples from and trains: auto (the latest of cpt/sft), base, a stage name, or a path."""
+    rounds: int = 3
+    """Rounds of sample -> judge -> train; each starts from the policy the round before trained."""
+    prompts: str | None = None
+    """Prompts the rounds sample for: {"prompt": str or messages} or {"messages": [...]} per line."""
+    prompts_per_round: int | None = None
+    """Each round takes the next this many prompts of the file (wrapping around at its end), so rounds see fresh
+    prompts while the file lasts; None: every prompt, every round."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How each round's responses are sampled from its policy (seeded by seed and round)."""
+    judge: JudgeConfig = field(default_factory=lambda: JudgeConfig(type="contrastive"))
+    """The AI judge that labels each round's pairs, with the keys of preferences.judge (not a person: the pairs
+    exist only while the stage runs)."""
+    reference: str = "previous"
+    """The DPO reference of each round: previous (the policy the round starts from) or start (the policy round 1
+    started from, every round)."""
+    eval_split: float = 0.1
+    """Share of each round's prompts whose pairs are held out of its training: DPO's reward accuracy and margin on
+    them, before and after the round (0: none held out)."""
+    win_rate_prompts: int = 0
+    """After each round, the judge compares the round's policy with the start on this many of evaluation.prompts
+    (one sampled response each); 0 skips it (the evaluation after the stage compares the final policy anyway)."""
+    trainer: dict = field(default_factory=dict)
+    """Passed to DPOConfig for every round's training: beta, loss_type, learning_rate, max_steps (per round)..."""
+
+
 @dataclass
 class EvaluationConfig:
     prompts: str | None = None
@@ -378,6 +414,7 @@ class RunConfig:
     kto: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     orpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
     simpo: StageConfig = field(default_factory=lambda: StageConfig(enabled=False))
+    iterative_dpo: IterativeDPOConfig = field(default_factory=lambda: IterativeDPOConfig(enabled=False))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
     grpo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
     rloo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
@@ -430,6 +467,11 @@ def _preferences_uses(config: RunConfig) -> list[str]:
     return [judge.model] if judge.type in MODEL_JUDGES else []
 
 
+def _iterative_dpo_uses(config: RunConfig) -> list[str]:
+    judge = config.iterative_dpo.judge
+    return [judge.model] if judge.type in MODEL_JUDGES and judge.model else []
+
+
 def _reward_uses(reward: RewardSourceConfig) -> list[str]:
     if reward.type == "reward_model":
         return [reward.model]
@@ -456,6 +498,7 @@ REGISTRY = {stage.name: stage for stage in (
           evaluated=True, optimises_preferences=True),
     Stage("simpo", StageConfig, "trl.experimental.cpo:CPOConfig", "policy", data_from="preferences", launched=True,
           evaluated=True, optimises_preferences=True),
+    Stage("iterative_dpo", IterativeDPOConfig, "trl:DPOConfig", "policy", evaluated=True, uses=_iterative_dpo_uses),
     Stage("ppo", PPOConfig, "pipeline.config:PPOTrainerConfig", "policy", launched=True, evaluated=True,
           uses=_ppo_uses),
     Stage("grpo", OnlineRLConfig, "trl:GRPOConfig", "policy", launched=True, evaluated=True,
@@ -629,6 +672,7 @@ def _check_values(config: RunConfig) -> None:
                 raise ConfigError(f"{config.source}: {name}.data.probes.{probe}: expected a lower-case name "
                                   "(letters, digits, _) mapped to a preference file path")
     _check_preferences(config)
+    _check_iterative_dpo(config)
     _check_evaluation(config)
     _check_ppo(config)
     for name in (name for name, spec in REGISTRY.items() if spec.section is OnlineRLConfig):
@@ -733,6 +777,55 @@ def _check_preferences(config: RunConfig) -> None:
     if judge.batch_size < 1 or judge.max_length < 1:
         raise ConfigError(f"{source}: preferences.judge.batch_size and max_length must be at least 1")
     _check_judge_values(judge, f"{source}: preferences.judge")
+
+
+def _check_iterative_dpo(config: RunConfig) -> None:
+    section, source = config.iterative_dpo, config.source
+    where = f"{source}: iterative_dpo"
+    if section.enabled and not section.prompts:
+        raise ConfigError(f"{where}.prompts (a prompts file to sample each round's pairs for) is required when the "
+                          "iterative_dpo stage is enabled")
+    if section.rounds < 1:
+        raise ConfigError(f"{where}.rounds must be at least 1, got {section.rounds}")
+    if section.prompts_per_round is not None and section.prompts_per_round < 1:
+        raise ConfigError(f"{where}.prompts_per_round must be at least 1 (or null for every prompt), got "
+                          f"{section.prompts_per_round}")
+    if section.reference not in REFERENCES:
+        raise ConfigError(f"{where}.reference must be previous or start, got {section.reference!r}"
+                          f"{suggest(section.reference, REFERENCES)}")
+    if not 0 <= section.eval_split < 1:
+        raise ConfigError(f"{where}.eval_split must be in [0, 1), got {section.eval_split}")
+    if section.win_rate_prompts < 0:
+        raise ConfigError(f"{where}.win_rate_prompts must be >= 0, got {section.win_rate_prompts}")
+    if section.win_rate_prompts and not config.evaluation.prompts:
+        raise ConfigError(f"{where}.win_rate_prompts compares each round's policy with the start on "
+                          "evaluation.prompts, which is not set")
+    sampling = section.sampling
+    if sampling.num_responses < 2:
+        raise ConfigError(f"{where}.sampling.num_responses must be at least 2 to make a pair")
+    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
+            or sampling.batch_size < 1:
+        raise ConfigError(f"{where}.sampling needs temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
+                          "batch_size >= 1")
+    judge = section.judge
+    if judge.type in ("human", "human_file"):
+        raise ConfigError(
+            f"{where}.judge.type '{judge.type}': each round labels pairs sampled from the policy the round before "
+            "trained, while the stage runs, so no person (nor a file of their labels) can label them; use an AI "
+            "judge (contrastive, llm, api, rule, reward_model). To train on people's labels, label offline with "
+            "the preferences stage and train dpo")
+    if judge.type not in JUDGE_TYPES:
+        raise ConfigError(f"{where}.judge.type '{judge.type}' is not one of "
+                          f"{', '.join(t for t in JUDGE_TYPES if t not in ('human', 'human_file'))}"
+                          f"{suggest(judge.type, JUDGE_TYPES)}")
+    for key in JUDGE_REQUIRED.get(judge.type, ()):
+        if not getattr(judge, key):
+            raise ConfigError(f"{where}.judge.{key} is required for judge type {judge.type}")
+    if judge.rubric and judge.principles:
+        raise ConfigError(f"{where}: set judge.rubric or judge.principles, not both")
+    if judge.batch_size < 1 or judge.max_length < 1:
+        raise ConfigError(f"{where}.judge.batch_size and max_length must be at least 1")
+    _check_judge_values(judge, f"{where}.judge")
 
 
 def _check_prompts_and_reward(config: RunConfig, name: str) -> None:

@@ -110,6 +110,21 @@ def _reward_panels(curves: dict[str, Curve], panels: list, reward: tuple[str, st
     return _png(figure)
 
 
+def rounds(panels: dict[str, dict[str, Curve]], losses: dict[int, Curve]) -> bytes:
+    """Iterative DPO: per panel, a few measures against the round (pairs decided, reward accuracy, win rate...), and
+    each round's DPO loss against its step (every round's trainer counts from step 1)."""
+    figure, axes = _grid(len(panels) + bool(losses), height=2.8)
+    for axis, (title, curves) in zip(axes, panels.items()):
+        for label, curve in curves.items():
+            _line(axis, curve, label, marker=True)
+        _finish(axis, title, "round")
+    if losses:
+        for k, curve in losses.items():
+            _line(axes[-1], curve, f"round {k}")
+        _finish(axes[-1], "DPO loss", "step of the round")
+    return _png(figure)
+
+
 def win_rates(results: dict[str, dict]) -> bytes:
     """Per policy stage, the share of held-out prompts where its answer won, tied or lost against its start's."""
     figure = Figure(figsize=(7.5, 0.7 + 0.6 * len(results)), layout="constrained")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.artifacts import read_json, write_text_atomic
+from pipeline.artifacts import ROUND_DONE, read_json, round_dirs, write_text_atomic
 from pipeline.config import REGISTRY, STAGE_ORDER
 from pipeline.errors import PipelineError
 
@@ -230,6 +230,55 @@ def _learns_online(name: str) -> bool:
     return "reward" in {f.name for f in dataclasses.fields(REGISTRY[name].section)}
 
 
+def rounds_section(stage: Stage, run_dir: Path, config: dict) -> Section | None:
+    """Iterative DPO, round by round: what the judge decided, what DPO learnt, and how the judge sees the policy."""
+    from pipeline import plots
+
+    finished = [read_json(d / ROUND_DONE) for d in round_dirs(run_dir / stage.name) if (d / ROUND_DONE).exists()]
+    if not finished:
+        return None
+    section = config.get(stage.name, {})
+    judge = section.get("judge", {})
+    rows = []
+    for m in finished:
+        flips = m.get("judge/order_flip_rate")
+        rows.append([str(m["round"]), _num(m["prompts"]), _num(m["pairs/judged"]), _num(m["pairs/decided"]),
+                     f"{_num(m['pairs/ties'])} ({_pct(m.get('judge/tie_rate'))})", _pct(flips),
+                     _num(m.get("train/loss"), 3), _pct(m.get("dpo/train_accuracy")),
+                     _num(m.get("dpo/train_margin"), 3),
+                     f"{_pct(m.get('dpo/eval_accuracy_before'))} → {_pct(m.get('dpo/eval_accuracy'))}",
+                     _pct(m.get("win/win_rate"))])
+    judged_by = " ".join(filter(None, (judge.get("type"), judge.get("function") or judge.get("model"))))
+    text = (f"{len(finished)} of {section.get('rounds', len(finished))} rounds finished. Each round sampled pairs "
+            f"from the policy the round before trained, {judged_by} labelled them ({stage.name}/round_N/pairs.jsonl), "
+            f"and DPO trained on them against the {section.get('reference', 'previous')} policy as its reference. "
+            "Reward accuracy and margin are DPO's implicit rewards (beta log pi/pi_ref) on the round's training pairs "
+            "and, before → after, on its held-out prompts; the win rate is the same judge comparing the round's "
+            "policy with the start on held-out prompts (it trained the policy: the independent verdict is the "
+            "evaluation above).")
+    blocks = [text, Table(["round", "prompts", "pairs judged", "decided", "ties", "order flips", "train loss",
+                           "reward accuracy", "reward margin", "held-out accuracy before → after",
+                           "judge win rate over the start"], rows)]
+    numbered = [m["round"] for m in finished]
+
+    def curve(key):
+        points = [(k, m[key]) for k, m in zip(numbered, finished) if m.get(key) is not None]
+        return ([k for k, _ in points], [float(v) for _, v in points]) if points else None
+
+    panels = {"pairs": {"decided": curve("pairs/decided"), "ties": curve("pairs/ties")},
+              "DPO reward accuracy": {"training pairs": curve("dpo/train_accuracy"),
+                                      "held-out, after the round": curve("dpo/eval_accuracy")},
+              "judge win rate over the start": {"win rate": curve("win/win_rate")}}
+    panels = {title: {label: c for label, c in curves.items() if c} for title, curves in panels.items()}
+    losses = {}
+    for d in round_dirs(run_dir / stage.name):
+        loss = Stage(stage.name, {}, read_jsonl(d / "metrics.jsonl")).curve("loss")
+        if loss:
+            losses[int(d.name.split("_")[1])] = loss
+    blocks.append(Plot("iterative DPO by round", plots.rounds({t: c for t, c in panels.items() if c}, losses)))
+    return Section("Iterative DPO: rounds", blocks)
+
+
 def win_rate_section(stages: list[Stage], config: dict) -> Section | None:
     from pipeline import plots
 
@@ -433,6 +482,7 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
         alignment_section(stages, config), summary_section(stages), loss_section(stages),
         preferences_section(by_name["preferences"], run_dir, config) if "preferences" in by_name else None,
         calibration_section(by_name["rm"], run_dir) if "rm" in by_name else None,
+        rounds_section(by_name["iterative_dpo"], run_dir, config) if "iterative_dpo" in by_name else None,
         ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
         *(online_section(by_name[name], run_dir) for name in ("grpo", "rloo") if name in by_name),
         win_rate_section(stages, config), samples_section(stages, run_dir),

@@ -4,7 +4,8 @@ The decision for a stage, from its manifest and what it would consume now:
 - no manifest                        -> run
 - completed, same config and inputs  -> skip
 - completed, something changed       -> rerun (earlier results moved to .history/, never deleted)
-- running/failed/interrupted, same   -> resume from the newest *complete* checkpoint (or step 0, said out loud)
+- running/failed/interrupted, same   -> resume from the newest *complete* checkpoint (or step 0, said out loud);
+                                        a stage that works in rounds keeps its finished rounds and resumes the next
 - running/failed/interrupted, changed-> refuse, naming what changed; --fresh moves the old progress aside
 """
 
@@ -19,8 +20,8 @@ import yaml
 
 from pipeline import launch, report, tracking
 from pipeline.artifacts import (
-    archive_stage_dir, complete_checkpoints, completed, hash_config, hash_path, incomplete_checkpoints, read_manifest,
-    write_manifest,
+    archive_stage_dir, checkpoint_name, complete_checkpoints, completed, current_checkpoints_dir, hash_config,
+    hash_path, incomplete_checkpoints, read_manifest, round_dirs, round_finished, write_manifest,
 )
 from pipeline.config import MODEL_JUDGES, REGISTRY, STAGE_ORDER, RunConfig, evaluation_judges
 from pipeline.context import ModelSource, StageContext
@@ -211,11 +212,16 @@ class Runner:
                 f"{name} has progress from an earlier attempt ({status}) with a different {', '.join(changed)}; "
                 f"restore the earlier config/inputs to resume it, or pass --fresh to move that progress to .history/"
             )
-        checkpoints = complete_checkpoints(stage_dir / "checkpoints")
+        checkpoints = complete_checkpoints(current_checkpoints_dir(stage_dir))
+        rounds = sum(map(round_finished, round_dirs(stage_dir)))
+        kept = f"{rounds} finished round(s) kept; " if rounds else ""
         if checkpoints:
             self._check_same_processes(name, manifest, checkpoints[-1])
-            return Decision(name, "resume", f"{status}; resuming from {checkpoints[-1].name}", init, checkpoints[-1],
-                            hashes, data_from)
+            return Decision(name, "resume", f"{status}; {kept}resuming from "
+                            f"{checkpoint_name(stage_dir, checkpoints[-1])}", init, checkpoints[-1], hashes, data_from)
+        if rounds:
+            return Decision(name, "resume", f"{status}; {kept}the stage goes on after them, from what it had "
+                            "sampled and labelled since (no checkpoint yet)", init, None, hashes, data_from)
         return Decision(name, "run", f"{status} before its first complete checkpoint; starting from step 0",
                         init, None, hashes, data_from)
 
@@ -300,14 +306,14 @@ class Runner:
         stage_dir = self.run_dir / decision.stage
         if decision.action == "rerun" and stage_dir.exists():
             log(f"{decision.stage}: earlier results moved to {archive_stage_dir(stage_dir)}")
-        for partial in incomplete_checkpoints(stage_dir / "checkpoints"):
+        for partial in incomplete_checkpoints(current_checkpoints_dir(stage_dir)):
             log(f"{decision.stage}: {partial.name} was never completed; moved to {archive_stage_dir(partial)}")
         manifest = read_manifest(stage_dir) or {"stage": decision.stage, "attempts": 0, "metrics": {}}
         manifest.update(
             status="running", hashes=decision.hashes, config=_asdict(self.config.stage(decision.stage)),
             init=decision.init.to_dict() if decision.init else None, started_at=time.time(),
             attempts=manifest["attempts"] + 1,
-            resumed_from=decision.resume_from.name if decision.resume_from else None,
+            resumed_from=checkpoint_name(stage_dir, decision.resume_from) if decision.resume_from else None,
         )
         if launch.launches(self.config, decision.stage):
             manifest.update(world_size=self.config.distributed.world_size,

@@ -155,4 +155,9 @@ def headline(metrics: dict) -> str:
         space = key.removesuffix("/reward_mean")  # ppo, grpo, rloo: the stages that learn from a reward online
         parts.append(f"reward {_fmt(metrics.get(f'{space}/reward_mean_first'), 3)} → {metrics[key]:.3f}, "
                      f"KL {_fmt(metrics.get(f'{space}/kl'), 2)}")
+    if metrics.get("rounds/count") is not None:
+        parts.append(f"{metrics['rounds/count']} rounds, {metrics['rounds/decided_pairs']} pairs decided"
+                     + (f", judge win rate over the start {metrics['rounds/win_rate_first']:.0%} → "
+                        f"{metrics['rounds/win_rate_last']:.0%}" if metrics.get("rounds/win_rate_last") is not None
+                        else ""))
     return "; ".join(parts)

@@ -16,7 +16,8 @@ from pipeline.artifacts import hash_config, hash_path
 from pipeline.config import JUDGE_KEYS, JudgeConfig, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
-from reward.pairs import Label
+from pipeline.log import log, progress
+from reward.pairs import Label, LabelStore, Pair
 
 # Keys that say how a judge runs rather than what it decides: left out of its identity.
 _RUNTIME_KEYS = {"batch_size", "max_concurrency", "max_retries", "timeout", "api_key_env"}
@@ -100,3 +101,26 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
                                           tie_margin=judge.tie_margin, name=f"reward_model:{judge.model}",
                                           on_label=on_label)
     raise ConfigError(f"judge type {judge.type} has no builder")
+
+
+def label_pairs(judge: JudgeConfig, config: RunConfig, run_dir: Path, pairs: list[Pair], store: LabelStore,
+                who: str) -> None:
+    """Put every pair `store` has no label for to the AI judge `judge`, a batch at a time, storing each label as it
+    is given: a kill loses none, and a re-run asks none twice. `who` (the stage) starts the log line."""
+    todo = [pair for pair in pairs if not store.is_labelled(pair.id)]
+    log(f"{who}: {len(pairs)} pairs, {len(pairs) - len(todo)} already labelled by this judge, {len(todo)} to label")
+    if not todo:
+        return
+
+    def on_label(label):
+        if not store.is_labelled(label.pair_id):
+            store.add(label)
+
+    built = build_judge(judge, config, run_dir, on_label)
+    with progress() as bar:
+        task = bar.add_task(f"judging ({built.name})", total=len(todo))
+        for start in range(0, len(todo), judge.batch_size):
+            batch = todo[start:start + judge.batch_size]
+            for label in built.judge(batch):
+                on_label(label)
+            bar.advance(task, len(batch))

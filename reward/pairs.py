@@ -277,6 +277,21 @@ def preference_rows(pairs: Iterable[Pair], labels: Iterable[Label],
     return rows, RowCounts(len(rows), ties, unlabelled, unknown)
 
 
+def label_stats(labels: list[Label]) -> dict:
+    """How a judge labelled: its tie rate and how often the first response won; where it saw both orders, how often
+    swapping them changed its verdict; where it measured one, its mean position bias (the llm judge's pull towards
+    the first-shown response, in log-odds, removed from every label)."""
+    stats = {"tie_rate": sum(label.winner == "tie" for label in labels) / len(labels) if labels else None,
+             "a_wins": sum(label.winner == "a" for label in labels) / len(labels) if labels else None}
+    flips = [label for label in labels if "ab" in label.verdicts and "ba" in label.verdicts]
+    if flips:
+        stats["order_flip_rate"] = sum(l.verdicts["ab"] != l.verdicts["ba"] for l in flips) / len(flips)
+    biases = [label.verdicts["position_bias"] for label in labels if "position_bias" in label.verdicts]
+    if biases:
+        stats["position_bias"] = sum(biases) / len(biases)
+    return stats
+
+
 def write_preferences(path: str | Path, rows: Iterable[PreferenceRow]) -> int:
     """Write rows as JSONL under a temporary name, then rename: a reader never sees half a file."""
     return _write_jsonl_atomic(path, (row.to_dict() for row in rows))

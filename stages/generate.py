@@ -7,6 +7,7 @@ synced; a torn last line (a kill mid-write) is ignored and that batch is sampled
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from pipeline.config import SamplingConfig
 from pipeline.log import log, progress
 from pipeline.render import prompt_ids
+from reward.pairs import Pair
 
 
 @dataclass
@@ -86,3 +88,29 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], sampling: Samp
         tokenizer.padding_side = padding_side
     ordered = [done[i] for i in range(len(batches))]
     return Samples([r for record in ordered for r in record["responses"]], sum(r["truncated"] for r in ordered))
+
+
+@dataclass
+class SampledPairs:
+    pairs: list[Pair]
+    """Every two distinct responses to a prompt, as a pair (k responses: k(k-1)/2 pairs)."""
+    responses: int
+    """Responses sampled."""
+    truncated: int
+    """Responses that reached max_new_tokens without an end-of-turn token."""
+    identical: int
+    """Pairs left out because both responses were the same text: there is nothing to prefer."""
+
+
+def sample_pairs(model, tokenizer, prompts: list[tuple[list[dict], str]], sampling: SamplingConfig, seed: int,
+                 progress_file: Path) -> SampledPairs:
+    """`sampling.num_responses` responses to each (prompt, source) and the pairs they make (sample_responses)."""
+    samples = sample_responses(model, tokenizer, [p for p, _ in prompts], sampling, seed, progress_file)
+    pairs, identical = [], 0
+    for (prompt, source), responses in zip(prompts, samples.responses):
+        for a, b in itertools.combinations(responses, 2):
+            if a == b:
+                identical += 1
+                continue
+            pairs.append(Pair.create(prompt, a, b, source))
+    return SampledPairs(pairs, sum(map(len, samples.responses)), samples.truncated, identical)

@@ -15,7 +15,6 @@ final/{preferences,agreement,annotators}.jsonl|json.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from pipeline.config import RunConfig, unused_judge_keys
 from pipeline.context import StageContext, StageResult
 from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
-from pipeline.log import log, progress, warn
-from reward.pairs import LabelStore, Pair, preference_rows, write_pairs, write_preferences
+from pipeline.log import log, warn
+from reward.pairs import LabelStore, Pair, label_stats, preference_rows, write_pairs, write_preferences
 
 NAME = "preferences"
 
@@ -76,52 +75,29 @@ def check(config: RunConfig) -> str:
 
 def _sampled_pairs(ctx: StageContext, prompts: list[tuple[list[dict], str]]) -> tuple[list[Pair], dict]:
     from pipeline.models import load_policy, load_tokenizer
-    from stages.generate import sample_responses
+    from stages.generate import sample_pairs
 
     config = ctx.config
     tokenizer = load_tokenizer(config.model, ctx.init.base)
     log(f"{NAME}: sampling {config.preferences.sampling.num_responses} responses for each of {len(prompts)} "
         f"prompts from {ctx.init.description}")
     model = load_policy(ctx.init.base, ctx.init.adapter, config.model, tokenizer)
-    samples = sample_responses(model, tokenizer, [p for p, _ in prompts], config.preferences.sampling,
-                               config.seed, ctx.stage_dir / "samples.jsonl")
-    pairs, identical = [], 0
-    for (prompt, source), responses in zip(prompts, samples.responses):
-        for a, b in itertools.combinations(responses, 2):
-            if a == b:
-                identical += 1  # nothing to prefer
-                continue
-            pairs.append(Pair.create(prompt, a, b, source))
-    return pairs, {"preferences/sampled_responses": sum(map(len, samples.responses)),
-                   "preferences/truncated_responses": samples.truncated,
-                   "preferences/identical_pairs_skipped": identical}
+    sampled = sample_pairs(model, tokenizer, prompts, config.preferences.sampling, config.seed,
+                           ctx.stage_dir / "samples.jsonl")
+    return sampled.pairs, {"preferences/sampled_responses": sampled.responses,
+                           "preferences/truncated_responses": sampled.truncated,
+                           "preferences/identical_pairs_skipped": sampled.identical}
 
 
 def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
     """Put every unlabelled pair to the judge, storing each label as it is given."""
-    from reward.build import build_judge
+    from reward.build import label_pairs
 
     judge_cfg = ctx.config.preferences.judge
     if judge_cfg.type == "human":
         _label_by_people(ctx, pairs, store)
         return
-    todo = [pair for pair in pairs if not store.is_labelled(pair.id)]
-    log(f"{NAME}: {len(pairs)} pairs, {len(pairs) - len(todo)} already labelled by this judge, {len(todo)} to label")
-    if not todo:
-        return
-
-    def on_label(label):
-        if not store.is_labelled(label.pair_id):
-            store.add(label)
-
-    judge = build_judge(judge_cfg, ctx.config, ctx.run_dir, on_label)
-    with progress() as bar:
-        task = bar.add_task(f"judging ({judge.name})", total=len(todo))
-        for start in range(0, len(todo), judge_cfg.batch_size):
-            batch = todo[start:start + judge_cfg.batch_size]
-            for label in judge.judge(batch):
-                on_label(label)
-            bar.advance(task, len(batch))
+    label_pairs(judge_cfg, ctx.config, ctx.run_dir, pairs, store, NAME)
 
 
 def _judges_in_processes(config: RunConfig) -> bool:
@@ -297,18 +273,11 @@ def run(ctx: StageContext) -> StageResult:
         warn(f"{NAME}: no pair got a winner ({counts.ties} ties, {counts.unlabelled} unlabelled): a judge that "
              "answers by position ties on every pair; there is nothing for rm or dpo to train on")
     write_preferences(ctx.final_dir / "preferences.jsonl", rows)
-    flips = [label for label in labels if "ab" in label.verdicts and "ba" in label.verdicts]
     metrics.update({
         "preferences/pairs": len(pairs), "preferences/labelled": len(labels), "preferences/rows": counts.rows,
         "preferences/ties": counts.ties, "preferences/unlabelled": counts.unlabelled,
-        "preferences/tie_rate": counts.ties / len(labels) if labels else None,
-        "preferences/a_wins": sum(label.winner == "a" for label in labels) / len(labels) if labels else None,
+        **{f"preferences/{key}": value for key, value in label_stats(labels).items()},
     })
-    if flips:
-        metrics["preferences/order_flip_rate"] = sum(l.verdicts["ab"] != l.verdicts["ba"] for l in flips) / len(flips)
-    biases = [label.verdicts["position_bias"] for label in labels if "position_bias" in label.verdicts]
-    if biases:  # the llm judge's pull towards the first-shown response (log-odds), removed from every label
-        metrics["preferences/position_bias"] = sum(biases) / len(biases)
     if prefs.compare_with:
         metrics.update(_agreement(ctx, pairs, labels))
     log(f"{NAME}: {counts.rows} preference rows ({counts.ties} ties, {counts.unlabelled} unlabelled) in "

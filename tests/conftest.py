@@ -62,9 +62,9 @@ def load_safetensors_dir(path: Path) -> dict:
     return tensors
 
 
-def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str]) -> str:
-    """Start `python -m pipeline *args`, SIGKILL it as soon as `stage` has a complete checkpoint; return its name.
-    The whole process group is killed, as a preemption would, launched processes included."""
+def kill_when(args: list[str], condition, what: str):
+    """Start `python -m pipeline *args`, SIGKILL it as soon as `condition()` returns something true, and return
+    that. The whole process group is killed, as a preemption would, launched processes included."""
     import signal
     import subprocess
     import sys
@@ -72,19 +72,30 @@ def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str]) -> s
 
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoints = run_dir / stage / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
-        if markers:
+        found = condition()
+        if found:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            # The newest complete checkpoint is the one a resume must pick.
-            return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name
+            return found
         time.sleep(0.02)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
-    pytest.fail(f"{stage} ended (exit {process.poll()}) before a checkpoint could be interrupted")
+    pytest.fail(f"the run ended (exit {process.poll()}) before it could be interrupted {what}")
+
+
+def kill_after_first_checkpoint(stage: str, run_dir: Path, args: list[str], checkpoints: Path | None = None) -> str:
+    """Start `python -m pipeline *args`, SIGKILL it as soon as `stage` has a complete checkpoint (in `checkpoints`,
+    by default <run_dir>/<stage>/checkpoints); return its name."""
+    checkpoints = checkpoints or run_dir / stage / "checkpoints"
+
+    def newest():
+        markers = list(checkpoints.glob("checkpoint-*/COMPLETE")) if checkpoints.exists() else []
+        # The newest complete checkpoint is the one a resume must pick.
+        return max((m.parent for m in markers), key=lambda p: int(p.name.split("-")[1])).name if markers else None
+
+    return kill_when(args, newest, f"after {stage}'s first checkpoint")
 
 
 def max_abs_diff(expected_dir: Path, actual_dir: Path) -> float:

@@ -1,6 +1,6 @@
-"""The alignment report of a small smoke run (preferences -> rm -> dpo and ppo, two steps each): `run` writes
-report.md and report.html with every section and the numbers of stage.json; a partial run still reports; the HTML
-stands alone and renders in headless Chromium with every image decoded."""
+"""The alignment report of a small smoke run (preferences -> rm -> dpo, iterative_dpo and ppo, two steps each): `run`
+writes report.md and report.html with every section and the numbers of stage.json; a partial run still reports; the
+HTML stands alone and renders in headless Chromium with every image decoded."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false",
          "--set", "dpo.data.eval_split=0.03",  # dpo evaluates its held-out pairs before and after: keep them few
          "--set", "evaluation.max_prompts=2"]
 SECTIONS = ["Did it align?", "Stages", "Training curves", "Preference labels and judge agreement", "Reward model calibration",
-            "PPO: reward and KL", "Win rate over the starting policy", "Sample generations, before and after"]
+            "Iterative DPO: rounds", "PPO: reward and KL", "Win rate over the starting policy",
+            "Sample generations, before and after"]
 CHROMIUM = Path("/usr/bin/chromium")
 
 
@@ -61,7 +62,7 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
     assert [line[3:] for line in markdown.splitlines() if line.startswith("## ")] == SECTIONS
     assert not list(run_dir.glob(".report*.tmp")), "written through a temporary file, renamed into place"
     stages = manifests(run_dir)
-    assert sorted(stages) == ["dpo", "ppo", "preferences", "rm"]
+    assert sorted(stages) == ["dpo", "iterative_dpo", "ppo", "preferences", "rm"]
     # The headline: each policy stage's win rate under its judge, with the 95% interval and the verdict.
     headline = markdown[:markdown.index("## Stages")]
     for name in ("dpo", "ppo"):
@@ -96,6 +97,11 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
     assert f"Responses sampled at iteration {last_table['step']}" in markdown
     assert table_row(markdown, _md(last_table["samples"][0]["prompt"][-1]["content"]))[2] == (
         f"{last_table['samples'][0]['score']:.3f}")
+    for k in (1, 2):  # iterative_dpo's rounds, from their round.json
+        done = json.loads((run_dir / "iterative_dpo" / f"round_{k}" / "round.json").read_text())
+        assert table_row(markdown, str(k))[1:4] == [str(done["prompts"]), str(done["pairs/judged"]),
+                                                    str(done["pairs/decided"])]
+        assert table_row(markdown, str(k))[10] == f"{done['win/win_rate']:.1%}"
     calibration = json.loads((run_dir / "rm" / "calibration.json").read_text())["bins"]
     assert sum(int(table_row(markdown, b["confidence"])[1]) for b in calibration) == rm["data/eval_pairs"]
     first = json.loads((run_dir / "dpo" / "eval_samples.jsonl").read_text().splitlines()[0])
@@ -106,7 +112,7 @@ def test_run_writes_every_section_with_the_manifests_numbers(run_dir):
         assert cell in page
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([^']*)'>", page)
     assert [alt for alt, _ in images] == ["loss per stage", "judge agreement", "reliability diagram",
-                                          "PPO per iteration", "win rates"]
+                                          "iterative DPO by round", "PPO per iteration", "win rates"]
     assert all(base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n") for _, data in images)
     assert not re.search(r"<(script|link|iframe)|(src|href)=['\"]?(https?:|//)", page, re.IGNORECASE)
 
@@ -117,6 +123,7 @@ def test_a_partial_run_reports_what_it_has(run_dir, tmp_path, capsys):
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("base", "checkpoints", "*.safetensors"))
     shutil.rmtree(partial / "ppo")
+    shutil.rmtree(partial / "iterative_dpo")
     (partial / "dpo" / "eval_samples.jsonl").unlink()
     (partial / "rm" / "calibration.json").unlink()
     for name, update in (("rm", {"status": "running"}), ("dpo", {"status": "failed", "error": "out of memory"})):
@@ -173,7 +180,7 @@ def test_the_html_renders_in_headless_chromium(run_dir, tmp_path):
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
     assert found, f"the probe never ran:\n{dom.stderr[-2000:]}"
     probe = json.loads(found.group(1).replace("&quot;", '"'))
-    assert probe == {"images": 5, "broken": [], "failed": []}
+    assert probe == {"images": 6, "broken": [], "failed": []}
 
     shot = tmp_path / "report.png"
     chromium("--window-size=1280,2400", f"--screenshot={shot}", (run_dir / "report.html").as_uri(),

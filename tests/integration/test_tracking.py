@@ -25,6 +25,8 @@ EXPECTED = {
     "preferences": {"preferences/rows", "preferences/ties"},
     "rm": {"train/loss", "rm/eval_accuracy", "rm/eval_accuracy_before", "rm/eval_ece"},
     "dpo": {"train/loss", "train/rewards/accuracies", "dpo/eval_accuracy", "eval/win_rate", "eval/kl_to_start"},
+    "iterative_dpo": {"train/rewards/accuracies", "rounds/pairs/decided", "rounds/dpo/train_accuracy",
+                      "rounds/win/win_rate", "eval/win_rate"},
     "ppo": {"ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/response_length", "eval/win_rate"},
     "grpo": {"train/reward", "train/kl", "train/loss", "eval/reward", "grpo/reward_mean", "eval/win_rate"},
     "rloo": {"train/reward", "train/kl", "train/loss", "eval/reward", "rloo/reward_mean", "eval/win_rate"},

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import (
-    COMPLETE_MARKER, archive_stage_dir, checkpoint_step, complete_checkpoints, hash_config, hash_path,
-    incomplete_checkpoints, read_manifest, write_json_atomic, write_manifest,
+    COMPLETE_MARKER, ROUND_DONE, archive_stage_dir, checkpoint_step, complete_checkpoints, current_checkpoints_dir,
+    hash_config, hash_path, incomplete_checkpoints, read_manifest, write_json_atomic, write_manifest,
 )
 from pipeline.errors import PipelineError
 from pipeline.lock import RunLock
@@ -226,3 +226,19 @@ def test_run_lock_in_process(tmp_path):
                 pass
     with RunLock(run_dir):  # released on exit, reusable
         pass
+
+
+def test_a_stage_in_rounds_resumes_its_first_unfinished_round(tmp_path):
+    """round_2's checkpoints are the ones to resume while round_1 is finished; a finished round is never resumed."""
+    stage = tmp_path / "iterative_dpo"
+    assert current_checkpoints_dir(stage) == stage / "checkpoints"
+    make_checkpoint(stage / "round_1" / "checkpoints", 2)
+    (stage / "round_1" / ROUND_DONE).write_text("{}")
+    make_checkpoint(stage / "round_10" / "checkpoints", 1)  # rounds sort by number, not by name
+    make_checkpoint(stage / "round_2" / "checkpoints", 1)
+    assert current_checkpoints_dir(stage) == stage / "round_2" / "checkpoints"
+    write_manifest(stage, {"status": "interrupted"})
+    assert stage_status(tmp_path, "iterative_dpo")["newest_checkpoint"] == "round_2/checkpoint-1"
+    (stage / "round_2" / ROUND_DONE).write_text("{}")
+    (stage / "round_10" / ROUND_DONE).write_text("{}")
+    assert current_checkpoints_dir(stage) == stage / "checkpoints"

@@ -523,3 +523,19 @@ def test_null_means_unset_for_optional_keys_and_says_how_for_the_others(tmp_path
         load_config(path, [*off, "ppo.reward.model=null"])
     with pytest.raises(ConfigError, match="'seed' cannot be null: give int, or leave the key out"):
         load_config(path, ["seed="])
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["iterative_dpo.judge.type=human"], "no person .* can label them; use an AI judge"),
+    (["iterative_dpo.judge.type=human_file", "iterative_dpo.judge.path=labels.jsonl"], "'human_file': each round"),
+    (["iterative_dpo.prompts="], "iterative_dpo.prompts .* is required"),
+    (["iterative_dpo.reference=initial"], "reference must be previous or start"),
+    (["iterative_dpo.rounds=0"], "rounds must be at least 1"),
+    (["iterative_dpo.win_rate_prompts=4", "evaluation.prompts="], "win_rate_prompts .* evaluation.prompts"),
+    (["iterative_dpo.sampling.num_responses=1"], "num_responses must be at least 2"),
+])
+def test_what_iterative_dpo_cannot_do_is_refused_before_any_compute(tmp_path, in_repo, settings, message):
+    data = minimal(iterative_dpo={"prompts": "data/preferences/prompts.jsonl", "judge": {"type": "contrastive"}})
+    assert load_config(write_config(tmp_path, data)).iterative_dpo.enabled
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, data), settings)
