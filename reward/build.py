@@ -89,8 +89,9 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
         source = ModelSource.named(judge.model or config.model.name_or_path, run_dir)
         return ContrastiveJudge.from_path(
             source.base, config.model, adapter=source.adapter, rubric=judge.rubric,
-            principles=judge.principles or None, follow=judge.follow, violation=judge.violation, length_norm=judge.length_norm,
-            batch_size=judge.batch_size, max_length=judge.max_length, tie_margin=judge.tie_margin,
+            principles=judge.principles or None, follow=judge.follow, violation=judge.violation,
+            length_norm=judge.length_norm, batch_size=judge.batch_size, max_length=judge.max_length,
+            tie_margin=judge.tie_margin,
             name=f"contrastive:{judge.model or config.model.name_or_path}", on_label=on_label)
     if judge.type == "reward_model":
         from reward.rm_judge import RewardModelJudge

@@ -27,13 +27,13 @@ def prompt_key(row: PreferenceRow) -> str:
 def split_by_prompt(rows: list[PreferenceRow], fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a seeded fraction of the prompts with all their pairs (pairs of one prompt share most tokens, so
     splitting pairs would test on prompts the model trained on)."""
-    keys = sorted({prompt_key(row) for row in rows})
+    keyed = [(prompt_key(row), row) for row in rows]
+    keys = sorted({key for key, _ in keyed})
     if fraction <= 0 or len(keys) < 2:
         return rows, []
     random.Random(seed).shuffle(keys)
     held = set(keys[: max(1, round(len(keys) * fraction))])
-    train = [row for row in rows if prompt_key(row) not in held]
-    return train, [row for row in rows if prompt_key(row) in held]
+    return [row for key, row in keyed if key not in held], [row for key, row in keyed if key in held]
 
 
 def stage_output(data_from: Path) -> list[PreferenceRow]:
