@@ -220,7 +220,8 @@ class PreferencesConfig:
 @dataclass
 class EvaluationConfig:
     prompts: str | None = None
-    """Held-out prompts on which dpo and ppo are compared with the policy they started from; None skips that."""
+    """Held-out prompts on which the policy stages (dpo, kto, orpo, simpo, ppo) are compared with the policy they
+    started from; None skips that."""
     max_prompts: int | None = None
     """Use only the first N prompts."""
     max_new_tokens: int = 96
@@ -718,7 +719,7 @@ PREFERENCE_KEYS = {"rubric", "principles", "violation"}
 
 
 def evaluation_judges(config: RunConfig) -> list[JudgeConfig]:
-    """Every judge the evaluation after dpo and ppo asks: `evaluation.judge`, then `evaluation.judges`."""
+    """Every judge the evaluation after a policy stage asks: `evaluation.judge`, then `evaluation.judges`."""
     return [config.evaluation.judge, *config.evaluation.judges]
 
 

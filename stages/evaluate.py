@@ -1,4 +1,5 @@
-"""After dpo or ppo: the new policy against the one it started from, on held-out prompts (`evaluation:`).
+"""After a policy stage (dpo, kto, orpo, simpo, ppo): the new policy against the one it started from, on held-out
+prompts (`evaluation:`).
 
 1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py).
 2. Win rate: the configured judge (default: this run's reward model), and each of `evaluation.judges`, compares
