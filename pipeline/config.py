@@ -261,8 +261,8 @@ class IterativeDPOConfig:
 @dataclass
 class EvaluationConfig:
     prompts: str | None = None
-    """Held-out prompts on which dpo, ppo, grpo and rloo are compared with the policy they started from; None skips
-    that."""
+    """Held-out prompts on which the policy stages (dpo, kto, orpo, simpo, ppo, grpo, rloo, iterative_dpo) are
+    compared with the policy they started from; None skips that."""
     max_prompts: int | None = None
     """Use only the first N prompts."""
     max_new_tokens: int = 96

@@ -7,7 +7,8 @@ the same shape:
     run(ctx: StageContext) -> StageResult  do the work, write ctx.final_dir, return metrics and manifest fields
 
 and, where the stage's result is evaluated once saved, evaluate_saved(ctx, result) -> metrics, which the runner
-calls in its own process (sft answers held-out prompts; dpo and ppo are compared with their starting policy).
+calls in its own process (sft answers held-out prompts; dpo, kto, orpo, simpo and ppo are compared with their
+starting policy).
 cpt and sft also expose load/tokenize, which `validate` uses to show a rendered sample.
 """
 

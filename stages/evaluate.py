@@ -1,4 +1,5 @@
-"""After dpo or ppo: the new policy against the one it started from, on held-out prompts (`evaluation:`).
+"""After a policy stage (dpo, kto, orpo, simpo, ppo): the new policy against the one it started from, on held-out
+prompts (`evaluation:`).
 
 1. Sample one response per prompt from each policy (seeded, resumable: stages/generate.py). The starting policy's
    responses are sampled once per run and shared by every stage that starts from it (start_samples_file).
