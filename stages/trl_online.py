@@ -213,15 +213,18 @@ def run(ctx: StageContext, trainer_cls) -> StageResult:
     reward_fn = build_reward(ctx, prompts + held_out, sampling, max_length=longest + max_new_tokens + 64,
                              batch_size=batch_size)
     reward = ctx.section.reward
-    name = {"judge": f"{'pairwise' if reward.pairwise else 'pointwise'}_{reward.judge.type}"}.get(reward.type,
-                                                                                                 reward.type)
+    # TRL logs rewards/<name>/mean: reward_model, rule, or the judge's way and type (pointwise_contrastive...).
+    name = (f"{'pairwise' if reward.pairwise else 'pointwise'}_{reward.judge.type}" if reward.type == "judge"
+            else reward.type)
     model, base_dir, peft_config = _policy(ctx, tokenizer)
-    log(f"{ctx.name}: {len(prompts)} prompts ({len(held_out)} held out), {_setting(ctx.name, trainer, 'num_generations')} "
-        f"responses each; reference = {ctx.init.description}")
+    log(f"{ctx.name}: {len(prompts)} prompts ({len(held_out)} held out), "
+        f"{_setting(ctx.name, trainer, 'num_generations')} responses each; reference = {ctx.init.description}")
+    train_data = Dataset.from_list([{"prompt": p} for p in prompts])
+    eval_data = Dataset.from_list([{"prompt": p} for p in held_out]) if held_out else None
     result = hf_trainer.fit(
-        ctx, trainer_class(trainer_cls, ctx.stage_dir / "samples.jsonl"), model, tokenizer, base_dir, Dataset.from_list([{"prompt": p} for p in prompts]),
-        Dataset.from_list([{"prompt": p} for p in held_out]) if held_out else None, trainer_evaluates=bool(held_out),
-        after=_results(ctx.name, bool(held_out)), reward_funcs=trl_reward(reward_fn, name), peft_config=peft_config)
+        ctx, trainer_class(trainer_cls, ctx.stage_dir / "samples.jsonl"), model, tokenizer, base_dir, train_data,
+        eval_data, trainer_evaluates=bool(held_out), after=_results(ctx.name, bool(held_out)),
+        reward_funcs=trl_reward(reward_fn, name), peft_config=peft_config)
     result.metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(held_out), **result.metrics}
     return result
 

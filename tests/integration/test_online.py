@@ -186,7 +186,7 @@ def test_full_fine_tuning_killed_then_rerun_resumes_each_stage_to_the_uninterrup
         for key in ("reward", "kl"):
             assert logged(killed, stage, key) == pytest.approx(logged(reference, stage, key), abs=1e-6), key
         kl = logged(reference, stage, "kl")
-        assert abs(kl[1]) < 1e-6 and abs(kl[6]) > 1e-6, "the reference stayed the starting weights while the policy moved"
+        assert abs(kl[1]) < 1e-6 and abs(kl[6]) > 1e-6, "the reference stayed where the policy started"
         final = AutoModelForCausalLM.from_pretrained(reference / stage / "final").state_dict()
         unchanged = [name for name in start if torch.equal(final[name], start[name])]
         assert unchanged == [], f"{stage}: {unchanged[:3]} did not change"

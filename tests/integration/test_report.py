@@ -17,7 +17,8 @@ from conftest import REPO, run_pipeline
 from pipeline.cli import main
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false",
+SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false", "--set", "grpo.enabled=false",
+         "--set", "rloo.enabled=false",  # their report sections: tests/integration/test_online.py
          "--set", "preferences.compare_with=data/preferences/beekeeping_pairs.jsonl",
          "--set", "rm.trainer.max_steps=2", "--set", "dpo.trainer.max_steps=2", "--set", "ppo.trainer.max_steps=2",
          "--set", "dpo.data.eval_split=0.03",  # dpo evaluates its held-out pairs before and after: keep them few
