@@ -25,6 +25,8 @@ from pipeline.context import StageContext, StageResult
 from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
 from pipeline.log import log, progress, warn
+from pipeline.signals import Interrupted, requested
+from pipeline.signals import name as signal_name
 from reward.pairs import LabelStore, Pair, preference_rows, write_pairs, write_preferences
 
 NAME = "preferences"
@@ -118,6 +120,9 @@ def _label(ctx: StageContext, pairs: list[Pair], store: LabelStore) -> None:
     with progress() as bar:
         task = bar.add_task(f"judging ({judge.name})", total=len(todo))
         for start in range(0, len(todo), judge_cfg.batch_size):
+            if requested():  # every label given so far is on disk; the re-run asks only for the rest
+                raise Interrupted(requested(), f"{NAME} stopped for {signal_name(requested())} with {start} of "
+                                               f"{len(todo)} pairs judged; run the same command again to continue")
             batch = todo[start:start + judge_cfg.batch_size]
             for label in judge.judge(batch):
                 on_label(label)
