@@ -33,11 +33,46 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     # A crash mid-write must leave either the old file or the new one, never half of either.
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:  # a full disk: the old file stays, and the half-written one does not hold its space
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+class DiskFullError(PipelineError):
+    """A write failed because the filesystem is full; what was complete before it is untouched."""
+
+
+def disk_full(exc: BaseException, path: Path) -> DiskFullError | None:
+    """`exc` as a DiskFullError when a full disk under `path` caused it: ENOSPC or EDQUOT anywhere in its chain, or
+    a write error (torch.save reports only "file write failed") on a filesystem with next to no space left."""
+    import errno
+
+    cause, seen = exc, 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    else:
+        cause = None
+    free = shutil.disk_usage(_existing(path)).free
+    if cause is None and not ("writ" in str(exc).lower() and free < 1 << 20):
+        return None
+    what = f" writing {cause.filename}" if isinstance(cause, OSError) and cause.filename else ""
+    return DiskFullError(f"no space left on the device holding {path} ({free} bytes free){what}: every complete "
+                         "checkpoint, label and manifest is intact; free some space and run the same command again to "
+                         "resume from the newest complete checkpoint")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def read_json(path: Path) -> dict | None:
@@ -130,6 +165,48 @@ def current_checkpoints_dir(stage_dir: Path) -> Path:
     return (unfinished[0] if unfinished else stage_dir) / "checkpoints"
 
 
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Write the COMPLETE marker, last: the step and every file of the checkpoint with its size, so a resume can
+    tell a checkpoint that was whole when written from one damaged since (a bad copy, a dying disk)."""
+    files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and p.name != COMPLETE_MARKER}
+    write_json_atomic(checkpoint / COMPLETE_MARKER, {"step": step, "files": files})
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint whose marker is present, or None when every file it lists is there at the
+    size it was written with. A marker from before markers listed files ("step N") cannot be checked: None."""
+    raw = (checkpoint / COMPLETE_MARKER).read_bytes()
+    if re.fullmatch(rb"(step |checkpoint-)\d+\n?", raw):
+        return None
+    try:
+        files = json.loads(raw)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} marker is unreadable"
+    problems = []
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} is {path.stat().st_size} bytes, {size} when written")
+    if not problems:
+        return None
+    return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+
+
+def resumable_checkpoints(checkpoint_dir: Path) -> tuple[list[Path], dict[Path, str]]:
+    """(complete checkpoints whose files are whole, oldest first; {damaged checkpoint: what is wrong})."""
+    intact, damaged = [], {}
+    for checkpoint in complete_checkpoints(checkpoint_dir):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            intact.append(checkpoint)
+        else:
+            damaged[checkpoint] = problem
+    return intact, damaged
+
+
 def incomplete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     if not checkpoint_dir.is_dir():
         return []
@@ -156,9 +233,11 @@ def stage_status(run_dir: Path, name: str) -> dict:
         return {"status": "pending"}
     if manifest["status"] == "running" and not RunLock.is_held(run_dir):
         manifest["status"] = "interrupted"
-    where = current_checkpoints_dir(run_dir / name)
-    checkpoints = complete_checkpoints(where)
+    checkpoints, damaged = resumable_checkpoints(current_checkpoints_dir(run_dir / name))
     manifest["newest_checkpoint"] = checkpoint_name(run_dir / name, checkpoints[-1]) if checkpoints else None
+    if damaged:
+        manifest["damaged_checkpoints"] = {checkpoint_name(run_dir / name, path): problem
+                                           for path, problem in damaged.items()}
     return manifest
 
 

@@ -68,14 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.signals import Interrupted
+
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as exc:
+        console.print("[yellow]interrupted:[/yellow]", escape(str(exc)), highlight=False)
+        return exc.exit_code
     except PipelineError as exc:
         console.print("[red]error:[/red]", escape(str(exc)), highlight=False)
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:  # a full disk outside a stage (the runner names it within one)
+        from pipeline.artifacts import disk_full
+
+        full = disk_full(exc, Path(getattr(args, "run_dir", None) or "."))
+        if full is None:
+            raise
+        console.print("[red]error:[/red]", escape(str(full)), highlight=False)
+        return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a run, or a second signal (StopNow) within one
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume")
-        return 130
+        return getattr(exc, "exit_code", 130)
 
 
 def _setup(args):
@@ -87,8 +100,11 @@ def _setup(args):
 
 
 def cmd_run(args) -> int:
+    from pipeline.signals import graceful_stop
+
     runner, names = _setup(args)
-    manifests = runner.run(names)
+    with graceful_stop():  # SIGTERM, SIGINT, SIGUSR1: finish the step, checkpoint, exit 128 + signal
+        manifests = runner.run(names)
     return 0 if all(completed(m) for m in manifests) else 1
 
 

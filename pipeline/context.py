@@ -110,6 +110,8 @@ class StageContext:
         return StageTracker(self.config, self.run_dir or self.stage_dir.parent, self.name, run_id)
 
     def callbacks(self) -> list:
-        from pipeline.callbacks import CheckpointMarker, MetricsFile
+        from pipeline.callbacks import CheckpointMarker, MetricsFile, NonFiniteGuard, StopOnSignal
 
-        return [CheckpointMarker(), MetricsFile(self.stage_dir / "metrics.jsonl")]
+        # The guard before the metrics file: a step that diverged is stopped, not recorded as a result.
+        return [NonFiniteGuard(self.name), StopOnSignal(), CheckpointMarker(),
+                MetricsFile(self.stage_dir / "metrics.jsonl")]

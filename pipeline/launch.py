@@ -30,6 +30,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from pipeline import signals
 from pipeline.artifacts import read_json, write_json_atomic
 from pipeline.config import REGISTRY, DistributedConfig, RunConfig
 from pipeline.context import ModelSource, StageContext, StageResult
@@ -119,7 +120,18 @@ def run_launched(ctx: StageContext, entry: str | None = None) -> StageResult | N
             markup=False)
     # A Ctrl-C reaches the launcher too (same process group), and it stops its processes; if the runner is killed
     # outright, the launcher gets SIGTERM from the kernel and does the same.
-    returncode = subprocess.run(command, check=False, preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode
+    launcher = subprocess.Popen(command, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+    try:
+        with signals.forwarding_to(launcher.pid):  # a first signal reaches its processes as SIGTERM
+            returncode = launcher.wait()
+    except BaseException:  # a second signal, or anything else here: take the launched processes down at once
+        launcher.kill()
+        launcher.wait()
+        raise
+    if returncode != 0 and signals.requested():
+        raise signals.Interrupted(signals.requested(), f"{ctx.name}'s launched processes stopped for "
+                                  f"{signals.name(signals.requested())} (exit code {returncode}); run the same command "
+                                  "again to resume from the newest complete checkpoint")
     if returncode != 0:
         raise PipelineError(f"{ctx.name} failed in its launched processes (exit code {returncode}); their output "
                             f"is above. Run the same command again to resume from the newest complete checkpoint")
@@ -179,7 +191,11 @@ def worker(spec_path: Path) -> int:
         run = STAGES[ctx.name].run
         ctx.tracker.start()  # the stage's W&B run, on the main process, before its trainer looks for one
     try:
-        result = run(ctx)
+        with signals.graceful_stop():  # SIGTERM from the launcher: finish the step and checkpoint, in every process
+            result = run(ctx)
+    except signals.Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

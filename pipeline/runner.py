@@ -18,10 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import launch, report, tracking
+from pipeline import launch, report, signals, tracking
 from pipeline.artifacts import (
-    archive_stage_dir, checkpoint_name, complete_checkpoints, completed, current_checkpoints_dir, hash_config,
-    hash_path, incomplete_checkpoints, read_manifest, round_dirs, round_finished, write_manifest,
+    archive_stage_dir, checkpoint_name, checkpoint_step, completed, current_checkpoints_dir, disk_full, hash_config,
+    hash_path, incomplete_checkpoints, read_manifest, resumable_checkpoints, round_dirs, round_finished,
+    write_manifest, write_text_atomic,
 )
 from pipeline.config import MODEL_JUDGES, REGISTRY, STAGE_ORDER, RunConfig, evaluation_judges
 from pipeline.context import ModelSource, StageContext
@@ -55,6 +56,7 @@ class Decision:
     resume_from: Path | None = None
     hashes: dict = field(default_factory=dict)
     data_from: Path | None = None  # an earlier stage's output the stage trains on (Stage.data_from)
+    damaged: list = field(default_factory=list)  # checkpoints with the marker but files missing or truncated
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -212,18 +214,24 @@ class Runner:
                 f"{name} has progress from an earlier attempt ({status}) with a different {', '.join(changed)}; "
                 f"restore the earlier config/inputs to resume it, or pass --fresh to move that progress to .history/"
             )
-        checkpoints = complete_checkpoints(current_checkpoints_dir(stage_dir))
+        checkpoints, damaged = resumable_checkpoints(current_checkpoints_dir(stage_dir))
+        # Damaged checkpoints are said and set aside (moved to .history/ when the stage runs), never resumed from.
+        said = "".join(f"; {checkpoint_name(stage_dir, path)} is damaged ({problem})" for path, problem in sorted(
+            damaged.items(), key=lambda item: checkpoint_step(item[0]), reverse=True))
         rounds = sum(map(round_finished, round_dirs(stage_dir)))
         kept = f"{rounds} finished round(s) kept; " if rounds else ""
         if checkpoints:
             self._check_same_processes(name, manifest, checkpoints[-1])
-            return Decision(name, "resume", f"{status}; {kept}resuming from "
-                            f"{checkpoint_name(stage_dir, checkpoints[-1])}", init, checkpoints[-1], hashes, data_from)
+            return Decision(name, "resume", f"{status}{said}; {kept}resuming from "
+                            f"{checkpoint_name(stage_dir, checkpoints[-1])}", init, checkpoints[-1], hashes,
+                            data_from, damaged=list(damaged))
         if rounds:
-            return Decision(name, "resume", f"{status}; {kept}the stage goes on after them, from what it had "
-                            "sampled and labelled since (no checkpoint yet)", init, None, hashes, data_from)
-        return Decision(name, "run", f"{status} before its first complete checkpoint; starting from step 0",
-                        init, None, hashes, data_from)
+            return Decision(name, "resume", f"{status}{said}; {kept}the stage goes on after them, from what it had "
+                            "sampled and labelled since (no checkpoint yet)", init, None, hashes, data_from,
+                            damaged=list(damaged))
+        return Decision(name, "run", f"{status}{said}; no complete checkpoint left, starting from step 0" if damaged
+                        else f"{status} before its first complete checkpoint; starting from step 0",
+                        init, None, hashes, data_from, damaged=list(damaged))
 
     def _check_same_processes(self, name: str, manifest: dict, checkpoint: Path) -> None:
         """DeepSpeed saves the optimiser state in one shard per process: a checkpoint resumes only on as many."""
@@ -291,15 +299,22 @@ class Runner:
         self.preflight(names)
         summary = []
         with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+            write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             for name in names:
                 decision = self.decide(name, set())
                 log(f"[bold]{name}[/bold]: {decision.action} ({decision.reason})")
                 if decision.action != "skip":
                     self._execute(decision)
                 summary.append(read_manifest(self.run_dir / name))
+                if signals.requested() and name != names[-1]:  # a stage that finished its work before it stopped
+                    raise signals.Interrupted(signals.requested(), f"stopped for {signals.name(signals.requested())} "
+                                              f"after {name} completed; run the same command again to continue")
         tracking.print_summary(summary)
-        log(f"report: {' and '.join(map(str, report.write(self.run_dir)))}")
+        try:
+            log(f"report: {' and '.join(map(str, report.write(self.run_dir)))}")
+        except OSError as exc:  # the stages' results are all saved: a report that does not fit fails nothing
+            warn(f"the report could not be written ({exc.strerror}); `python -m pipeline report --run-dir "
+                 f"{self.run_dir}` writes it once there is room")
         return summary
 
     def _execute(self, decision: Decision) -> None:
@@ -308,6 +323,9 @@ class Runner:
             log(f"{decision.stage}: earlier results moved to {archive_stage_dir(stage_dir)}")
         for partial in incomplete_checkpoints(current_checkpoints_dir(stage_dir)):
             log(f"{decision.stage}: {partial.name} was never completed; moved to {archive_stage_dir(partial)}")
+        for damaged in decision.damaged:
+            if damaged.exists():
+                warn(f"{decision.stage}: {damaged.name} is damaged; moved to {archive_stage_dir(damaged)}")
         manifest = read_manifest(stage_dir) or {"stage": decision.stage, "attempts": 0, "metrics": {}}
         manifest.update(
             status="running", hashes=decision.hashes, config=_asdict(self.config.stage(decision.stage)),
@@ -332,12 +350,18 @@ class Runner:
             if hasattr(module, "evaluate_saved"):  # on the saved result, here, whether or not it trained launched
                 result.metrics.update(module.evaluate_saved(ctx, result))
         except BaseException as exc:
+            full = disk_full(exc, stage_dir) if isinstance(exc, Exception) else None
             ctx.tracker.finish()
             manifest = read_manifest(stage_dir)
-            interrupted = isinstance(exc, KeyboardInterrupt)
+            interrupted = isinstance(exc, (KeyboardInterrupt, signals.Interrupted))
             status = "interrupted" if interrupted else getattr(exc, "status", "failed")
-            manifest.update(status=status, error=None if interrupted else str(exc))
-            write_manifest(stage_dir, manifest)
+            manifest.update(status=status, error=None if interrupted else str(full or exc))
+            try:
+                write_manifest(stage_dir, manifest)
+            except OSError as write_error:  # the disk is full: the manifest written before stays as it was
+                warn(f"{decision.stage}: stage.json could not record the failure ({write_error.strerror})")
+            if full is not None:
+                raise full from exc
             raise
         manifest = read_manifest(stage_dir)
         # With what the stage recorded on the way (baselines measured before training, kept through a resume).

@@ -114,15 +114,15 @@ class ApiJudge:
         data = json.dumps(body).encode("utf-8")
         last = "no attempt made"
         for attempt in range(self.config.max_retries + 1):
-            key = self._key()
-            request = urllib.request.Request(self.url, data=data, method="POST", headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            # The key lives in the request's headers only, never in a local of this frame: a traceback that shows
+            # locals (pytest -l, an error tracker) sees the Request object's opaque repr.
+            request = urllib.request.Request(self.url, data=data, method="POST", headers=self._headers())
             delay = self.config.backoff * 2 ** attempt
             try:
                 with urllib.request.urlopen(request, timeout=self.config.timeout) as response:
-                    return self._content(response.read(), key)
+                    return self._content(response.read())
             except urllib.error.HTTPError as e:
-                detail = _redact(e.read()[:300].decode("utf-8", "replace"), key)
+                detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
                 last = f"HTTP {e.code}: {detail}".rstrip(": ")
                 if e.code not in _RETRY_STATUSES:
                     raise PipelineError(f"{self.url} answered {last}") from None
@@ -134,12 +134,23 @@ class ApiJudge:
                 time.sleep(min(delay, self.config.max_backoff))
         raise PipelineError(f"{self.url}: no answer after {self.config.max_retries + 1} attempts; last: {last}")
 
-    def _content(self, raw: bytes, key: str) -> str:
+    def _headers(self) -> dict:
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {self._key()}"}
+
+    def _redact(self, text: str) -> str:
+        """`text` (a server's words, which may echo the key) with the key replaced."""
+        key = os.environ.get(self.config.api_key_env, "")
+        return text.replace(key, "***") if key else text
+
+    def _content(self, raw: bytes) -> str:
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+            content = json.loads(raw)["choices"][0]["message"]["content"] or ""
+            if not isinstance(content, str):
+                raise TypeError(content)
+            return content
         except (ValueError, KeyError, IndexError, TypeError):
-            snippet = _redact(raw[:300].decode("utf-8", "replace"), key)
-            raise PipelineError(f"{self.url} answered with no choices[0].message.content: {snippet}") from None
+            snippet = self._redact(raw[:300].decode("utf-8", "replace"))
+            raise PipelineError(f"{self.url} answered with no choices[0].message.content string: {snippet}") from None
 
     def judge(self, pairs: list[Pair]) -> list[Label]:
         answers: dict[int, dict[str, str]] = {index: {} for index in range(len(pairs))}
@@ -177,7 +188,3 @@ class ApiJudge:
             return None
         winner, verdicts = combine_both_orders(first, swapped)
         return Label(pair.id, winner, self.name, verdicts=verdicts)
-
-
-def _redact(text: str, key: str) -> str:
-    return text.replace(key, "***") if key else text

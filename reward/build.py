@@ -17,6 +17,8 @@ from pipeline.config import JUDGE_KEYS, JudgeConfig, RunConfig
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
 from pipeline.log import log, progress
+from pipeline.signals import Interrupted, requested
+from pipeline.signals import name as signal_name
 from reward.pairs import Label, LabelStore, Pair
 
 # Keys that say how a judge runs rather than what it decides: left out of its identity.
@@ -121,6 +123,9 @@ def label_pairs(judge: JudgeConfig, config: RunConfig, run_dir: Path, pairs: lis
     with progress() as bar:
         task = bar.add_task(f"judging ({built.name})", total=len(todo))
         for start in range(0, len(todo), judge.batch_size):
+            if requested():  # every label given so far is on disk; the re-run asks only for the rest
+                raise Interrupted(requested(), f"{who} stopped for {signal_name(requested())} with {start} of "
+                                               f"{len(todo)} pairs judged; run the same command again to continue")
             batch = todo[start:start + judge.batch_size]
             for label in built.judge(batch):
                 on_label(label)

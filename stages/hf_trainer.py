@@ -50,6 +50,8 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "save_strategy": "steps",
         "disable_tqdm": True,  # the Rich progress callback replaces tqdm
+        # transformers would log a NaN loss as the mean of the earlier ones; the NonFiniteGuard stops the stage instead.
+        "logging_nan_inf_filter": False,
         **renamed_checkpointing(config_cls, stage, trainer),
         **managed,
     }
@@ -180,11 +182,25 @@ def fit(ctx: StageContext, trainer_cls, model, tokenizer, base_dir: Path, train_
                           **trainer_kwargs)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the Rich panel and metrics.jsonl have them
     metrics = run_training(ctx, trainer)
+    _raise_if_stopped(ctx, trainer)
     if after is not None:
         trainer.pop_callback(RichProgressCallback)  # its evaluation bar would redraw the finished training panel
         metrics.update(after(trainer))
     save_trained(trainer, tokenizer, ctx.final_dir)
     return StageResult(metrics, {"base_model": str(base_dir)})  # the weights final/ applies to, for later stages
+
+
+def _raise_if_stopped(ctx: StageContext, trainer) -> None:
+    """A signal ended training early (pipeline.callbacks.StopOnSignal): the checkpoint of that step is complete, and
+    final/ is not written, so the stage is interrupted rather than done."""
+    from pipeline.callbacks import StopOnSignal
+    from pipeline.signals import Interrupted, name
+
+    stop = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)).stopped
+    if stop is not None:
+        signum, step = stop
+        raise Interrupted(signum, f"{ctx.name} stopped for {name(signum)} after step {step}; checkpoint-{step} is "
+                                  "complete: run the same command again to resume from it")
 
 
 def run_training(ctx: StageContext, trainer) -> dict:
@@ -237,9 +253,15 @@ def save_trained(trainer, tokenizer, target: Path) -> None:
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
+    try:
+        trainer.save_model(str(staging))
+        if main:
+            tokenizer.save_pretrained(staging)
+    except BaseException:
+        if main:  # a full disk: the half-written copy must not keep holding the space
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if main:
-        tokenizer.save_pretrained(staging)
         _replace(staging, target)
     trainer.accelerator.wait_for_everyone()
 
@@ -248,7 +270,11 @@ def save_atomic(save, target: Path) -> None:
     """Write into a temporary sibling, then rename, so a crash never leaves a half-written result behind."""
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    save(staging)
+    try:
+        save(staging)
+    except BaseException:  # a full disk: the half-written copy must not keep holding the space
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _replace(staging, target)
 
 

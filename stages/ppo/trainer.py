@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from collections import defaultdict
@@ -18,9 +19,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import COMPLETE_MARKER
+from pipeline.artifacts import mark_complete
 from pipeline.context import ModelSource, StageContext
 from pipeline.distributed import gathered, is_main_process
+from pipeline.errors import PipelineError
+from pipeline.finite import check_step, check_weights
+from pipeline.signals import Interrupted, stop_requested
+from pipeline.signals import name as signal_name
 from pipeline.log import log, track
 from stages import hf_trainer
 from stages.ppo import losses
@@ -36,8 +41,13 @@ from stages.ppo.rollout import RewardFunction, Rollout, rollout, sample, score
 SAMPLES_PER_TABLE = 16  # rows of the (prompt, response, reward) table written every sample_every steps
 
 
+PROGRESS = "progress.json"  # in each checkpoint: Progress as JSON, never a pickle a resume would have to run
+
+
 class Progress:
-    """What the loop itself must carry across a resume: the steps done and the KL controller."""
+    """What the loop itself must carry across a resume: the steps done and the KL controller. Kept as JSON in the
+    checkpoint rather than through accelerate's register_for_checkpointing, whose loader unpickles with
+    weights_only=False: a resume never runs code from a checkpoint."""
 
     def __init__(self, kl_controller):
         self.step, self.kl_controller = 0, kl_controller
@@ -48,6 +58,23 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.kl_controller.load_state_dict(state["kl_controller"])
+
+    def load(self, checkpoint: Path) -> None:
+        """From checkpoint/progress.json; a checkpoint written before it existed holds accelerate's pickle, read as
+        plain data only (weights_only: a pickle that would run code is refused, not run)."""
+        from pipeline.artifacts import read_json
+
+        state = read_json(checkpoint / PROGRESS)
+        if state is None:
+            legacy = checkpoint / "custom_checkpoint_0.pkl"
+            try:
+                state = torch.load(legacy, map_location="cpu", weights_only=True)
+            except FileNotFoundError:
+                raise PipelineError(f"{checkpoint} has no {PROGRESS}: it is not a complete ppo checkpoint") from None
+            except pickle.UnpicklingError as exc:
+                raise PipelineError(f"{legacy} holds more than plain data; it is not loaded "
+                                    f"({' '.join(str(exc).split())[:200]})") from None
+        self.load_state_dict(state)
 
 
 def prompt_indices(n_prompts: int, step: int, batch_size: int, seed: int, world: int = 1, rank: int = 0) -> list[int]:
@@ -62,8 +89,11 @@ def _epoch_order(n_prompts: int, seed: int) -> list[int]:
     return torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns, cfg, generator) -> dict:
-    """num_ppo_epochs passes over the rollout in shuffled mini-batches; returns the mean of each statistic."""
+def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns, cfg, generator,
+             step: int = 0) -> dict:
+    """num_ppo_epochs passes over the rollout in shuffled mini-batches; returns the mean of each statistic. A
+    non-finite loss or gradient norm stops the stage before the optimiser applies it (NonFiniteError, naming
+    iteration `step`)."""
     stats = defaultdict(list)
     length = batch.responses.shape[1]
     for _ in range(cfg.num_ppo_epochs):
@@ -77,8 +107,11 @@ def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns
             policy = losses.policy_loss(logprobs, batch.logprobs[rows], advantages[rows], mask, cfg.cliprange)
             value_loss, value_clip = losses.value_loss(values, batch.values[rows], returns[rows], mask,
                                                        cfg.cliprange_value)
-            accelerator.backward(policy.loss + cfg.vf_coef * value_loss)
-            accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            loss = policy.loss + cfg.vf_coef * value_loss
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            # After backward, so every process takes part in the gradients' all-reduce and then stops alike.
+            check_step("ppo", step, loss.detach(), grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             with torch.no_grad():
@@ -103,10 +136,10 @@ def setup(ctx: StageContext, base_dir: Path, tokenizer, critic: ModelSource | No
     kl_controller = (losses.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target
                      else losses.FixedKLController(cfg.kl_coef))
     progress = Progress(kl_controller)
-    accelerator.register_for_checkpointing(progress)
     if ctx.resume_from is not None:
         log(f"{ctx.name}: resuming from {ctx.resume_from}")
         accelerator.load_state(str(ctx.resume_from))
+        progress.load(ctx.resume_from)
     if is_main_process():
         for name in ("metrics.jsonl", "samples.jsonl"):
             _drop_lines_after(ctx.stage_dir / name, progress.step)  # an earlier attempt's steps that are done again
@@ -145,7 +178,10 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
         if cfg.whiten_advantages:
             advantages = losses.masked_whiten(advantages, batch.mask)
         # 5. num_ppo_epochs over shuffled mini-batches: clipped policy + clipped value loss, clip grads, step.
-        train_stats = optimise(accelerator, module, optimizer, batch, advantages, returns, cfg, generator)
+        train_stats = optimise(accelerator, module, optimizer, batch, advantages, returns, cfg, generator, step + 1)
+        # An update can overflow the weights with every loss finite (a huge learning rate): never checkpoint those.
+        parameters = dict(actor.named_parameters())
+        check_weights(ctx.name, step + 1, ((name, parameters[name]) for name in actor.trainable_names))
         # 6. KL controller: move the coefficient toward the target KL (a fixed controller stays put).
         per_sample = accelerator.gather(torch.stack([
             rewards.sum(1), raw_scores, kl.sum(1), batch.mask.sum(1), (~batch.has_eos).float()]).T)
@@ -165,8 +201,17 @@ def train(ctx: StageContext, prompts: list, eval_prompts: list, tokenizer, base_
         if is_main_process():
             _report(ctx, progress.step, last, batch, raw_scores, rewards.sum(1))
         # 8. Checkpoint: a complete one is the only kind a resume will ever pick.
-        if progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps:
-            _checkpoint(accelerator, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
+        saved = progress.step % cfg.save_steps == 0 or progress.step == cfg.max_steps
+        if saved:
+            _checkpoint(accelerator, progress, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
+        # 9. A signal asked to stop (every process agrees): checkpoint this step if not done, stop interrupted.
+        signum = stop_requested()
+        if signum is not None:
+            if not saved:
+                _checkpoint(accelerator, progress, ctx.checkpoints_dir / f"checkpoint-{progress.step}")
+            raise Interrupted(signum, f"{ctx.name} stopped for {signal_name(signum)} after step {progress.step}; "
+                                      f"checkpoint-{progress.step} is complete: run the same command again to resume "
+                                      "from it")
 
     if eval_prompts:
         metrics["eval/score_mean"] = mean_score(actor, tokenizer, eval_prompts, reward_fn, cfg, config.seed)
@@ -208,18 +253,27 @@ def mean_score(module: ActorCritic, tokenizer, prompts: list, reward_fn: RewardF
     return total / len(prompts)
 
 
-def _checkpoint(accelerator, path: Path) -> None:
+def _checkpoint(accelerator, progress: Progress, path: Path) -> None:
     """Save to a temporary name, rename, then write the COMPLETE marker: a kill at any point leaves either no
     checkpoint-N or a whole one."""
+    from pipeline.artifacts import write_json_atomic
+
     staging = path.with_name(f".{path.name}.tmp")
     if is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()
+        if is_main_process():
+            write_json_atomic(staging / PROGRESS, progress.state_dict())
+    except BaseException:
+        if is_main_process():  # a full disk: no half checkpoint holding the space (it has no name resume reads)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if is_main_process():
         os.replace(staging, path)
-        (path / COMPLETE_MARKER).write_text(f"{path.name}\n")
+        mark_complete(path, progress.step)
     accelerator.wait_for_everyone()
 
 

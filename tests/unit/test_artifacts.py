@@ -242,3 +242,91 @@ def test_a_stage_in_rounds_resumes_its_first_unfinished_round(tmp_path):
     (stage / "round_2" / ROUND_DONE).write_text("{}")
     (stage / "round_10" / ROUND_DONE).write_text("{}")
     assert current_checkpoints_dir(stage) == stage / "checkpoints"
+
+
+# ---------------------------------------------------------------------------- damaged checkpoints, a full disk
+
+def test_a_marked_checkpoint_is_checked_against_the_files_its_marker_lists(tmp_path):
+    from pipeline.artifacts import checkpoint_damage, mark_complete, resumable_checkpoints
+
+    good, truncated, missing, unreadable = (make_checkpoint(tmp_path, step, complete=False) for step in (2, 4, 6, 8))
+    for path in (good, truncated, missing, unreadable):
+        (path / "optimizer.pt").write_bytes(b"x" * 100)
+        mark_complete(path, checkpoint_step(path))
+    assert json.loads((good / COMPLETE_MARKER).read_text()) == {
+        "step": 2, "files": {"model.safetensors": 7, "optimizer.pt": 100}}
+    (truncated / "optimizer.pt").write_bytes(b"x" * 40)
+    (missing / "model.safetensors").unlink()
+    (unreadable / COMPLETE_MARKER).write_text('{"step": 8, "fi')
+    legacy = make_checkpoint(tmp_path, 10)  # a marker from before markers listed files: cannot be checked
+    assert checkpoint_damage(good) is None and checkpoint_damage(legacy) is None
+    assert checkpoint_damage(truncated) == "optimizer.pt is 40 bytes, 100 when written"
+    assert checkpoint_damage(missing) == "model.safetensors is missing"
+    assert checkpoint_damage(unreadable) == "its COMPLETE marker is unreadable"
+    intact, damaged = resumable_checkpoints(tmp_path)
+    assert intact == [good, legacy] and set(damaged) == {truncated, missing, unreadable}
+
+
+def test_a_full_disk_keeps_the_old_manifest_and_no_half_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    write_manifest(tmp_path, {"status": "running", "step": 2})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        write_manifest(tmp_path, {"status": "failed"})
+    assert read_manifest(tmp_path) == {"status": "running", "step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage.json"]
+
+
+def test_a_full_disk_loses_no_label_given_before_it(tmp_path, monkeypatch):
+    """ENOSPC simulated on the label's write (fsync), as a tmpfs in a user namespace is not available everywhere;
+    the checkpoint case runs on a real tmpfs in tests/integration/test_faults.py."""
+    import errno
+    import os
+
+    from reward.pairs import Label, LabelStore
+
+    path = tmp_path / "labels" / "judge.jsonl"
+    with LabelStore(path) as store:
+        store.add(Label("p1", "a", "judge"))
+        store.add(Label("p2", "b", "judge"))
+        real_fsync = os.fsync
+
+        def full(fd):
+            os.ftruncate(fd, os.fstat(fd).st_size - 5)  # what a disk that filled mid-line leaves: a torn line
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError):
+            store.add(Label("p3", "tie", "judge"))
+        monkeypatch.setattr(os, "fsync", real_fsync)
+    reread = LabelStore(path)
+    assert [label.pair_id for label in reread.labels()] == ["p1", "p2"]
+    reread.add(Label("p3", "tie", "judge"))  # the torn line is cut, the label given again on its own line
+    assert [label.pair_id for label in LabelStore(path).labels()] == ["p1", "p2", "p3"]
+
+
+def test_disk_full_is_recognised_in_the_exception_chain_or_by_a_write_error_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    from pipeline.artifacts import DiskFullError, disk_full
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "optimizer.pt"))
+        except OSError as exc:
+            raise RuntimeError("saving failed") from exc
+    except RuntimeError as exc:
+        found = disk_full(exc, tmp_path / "run")
+    assert isinstance(found, DiskFullError) and "optimizer.pt" in str(found)
+    assert disk_full(ValueError("bad value"), tmp_path) is None
+    torch_style = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    assert disk_full(torch_style, tmp_path) is None  # plenty of space: not a full disk
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+    assert isinstance(disk_full(torch_style, tmp_path), DiskFullError)
