@@ -17,8 +17,9 @@ from conftest import REPO, run_pipeline
 from pipeline.cli import main
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false", "--set", "grpo.enabled=false",
-         "--set", "rloo.enabled=false",  # their report sections: tests/integration/test_online.py
+# grpo and rloo stay off (their report sections: tests/integration/test_online.py); iterative_dpo, off in smoke.yaml,
+# runs for its rounds section.
+SMALL = ["--set", "cpt.enabled=false", "--set", "sft.enabled=false", "--set", "iterative_dpo.enabled=true",
          "--set", "preferences.compare_with=data/preferences/beekeeping_pairs.jsonl",
          "--set", "rm.trainer.max_steps=2", "--set", "dpo.trainer.max_steps=2", "--set", "ppo.trainer.max_steps=2",
          "--set", "dpo.data.eval_split=0.03",  # dpo evaluates its held-out pairs before and after: keep them few

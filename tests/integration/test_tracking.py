@@ -17,7 +17,8 @@ SHORT = [f"--set={key}" for key in (
     "ppo.trainer.sample_every=1", "ppo.trainer.rollout_batch_size=4", "ppo.trainer.num_ppo_epochs=1",
     "evaluation.max_prompts=2", "evaluation.max_references=2", "sft.data.eval_split=0.03", "rm.data.eval_split=0.03",
     "dpo.data.eval_split=0.03", "ppo.data.eval_split=0.02", "grpo.trainer.max_steps=2", "rloo.trainer.max_steps=2",
-    "grpo.data.eval_split=0.02", "rloo.data.eval_split=0.02")]
+    "grpo.data.eval_split=0.02", "rloo.data.eval_split=0.02",
+    "iterative_dpo.enabled=true", "grpo.enabled=true", "rloo.enabled=true")]  # off in smoke.yaml
 # Per stage, metric keys its W&B history must hold: the trainers' curves and the stage's own results.
 EXPECTED = {
     "cpt": {"train/loss", "eval/loss", "eval/loss_before", "train/global_step"},
