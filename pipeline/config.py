@@ -37,6 +37,10 @@ class ModelConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     chat_template: str | None = None
     """A Jinja chat template that replaces the tokenizer's own (needed for base models that have none)."""
+    system_prompt: str | None = None
+    """The system message of every conversation that has none. None: the chat template's own default, if it has one
+    (SmolLM2's adds "You are a helpful AI assistant named SmolLM..."; `validate` shows it); "": an empty system
+    message, which turns that default off; any text: that text instead."""
 
 
 @dataclass
@@ -90,11 +94,16 @@ class DataConfig:
     eval_split: float = 0.1
     """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
     format: str = "auto"
-    """text (cpt), or for sft: delimited, alpaca, sharegpt, messages, auto (detected from the first record)."""
+    """auto (detected from the first record) or: cpt text (a .txt's documents separated by blank lines) or lines
+    (one document per line); sft delimited, alpaca, sharegpt, messages; rm and dpo prompt, hh, sharegpt; ppo auto."""
     columns: dict = field(default_factory=dict)
-    """Maps our field names to the file's, e.g. {instruction: question, output: answer}."""
+    """Maps our field names to the file's, e.g. {instruction: question, output: answer} (sft), {chosen: preferred}
+    (rm, dpo), {prompt: question} (ppo), {text: body} (cpt)."""
     delimiters: dict = field(default_factory=dict)
-    """For the delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
+    """sft's delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
+    bad_rows: str = "error"
+    """error: a bad record stops the run before any compute, listing every bad one (the first 20 and the count);
+    drop: bad records are left out, counted in stage.json (data/dropped_bad_rows) and listed in the log."""
     general_eval: str | None = None
     """cpt: general (not domain) text, .txt/.jsonl/.json like train, whose perplexity before and after training shows
     what the domain training cost elsewhere (forgetting); e.g. data/general/general.txt."""
@@ -179,6 +188,7 @@ class JudgeConfig:
 
 
 DISAGREEMENT_RULES = ("majority", "drop")
+BAD_ROW_POLICIES = ("error", "drop")
 # Which judge type uses which of the optional JudgeConfig keys (the rest are shared).
 JUDGE_KEYS = {
     "human": ("overlap", "disagreement"), "human_file": ("path",), "rule": ("function",),
@@ -516,6 +526,8 @@ def _check_values(config: RunConfig) -> None:
         stage = config.stage(name)
         if stage.enabled and REGISTRY[name].data_from is None and not stage.data.train:
             raise ConfigError(f"{config.source}: {name}.data.train is required when the {name} stage is enabled")
+        if stage.data.delimiters and name != "sft":
+            raise ConfigError(f"{config.source}: {name}.data.delimiters: only sft reads delimited samples")
         for key in stage.data.delimiters:
             if key not in ("start", "sep", "eos"):
                 raise ConfigError(f"{config.source}: unknown key '{name}.data.delimiters.{key}'"
@@ -530,6 +542,11 @@ def _check_values(config: RunConfig) -> None:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(probe)) or not isinstance(path, str) or not path:
                 raise ConfigError(f"{config.source}: {name}.data.probes.{probe}: expected a lower-case name "
                                   "(letters, digits, _) mapped to a preference file path")
+    for name in ("cpt", "sft", "rm", "dpo", "ppo"):
+        policy = config.stage(name).data.bad_rows
+        if policy not in BAD_ROW_POLICIES:
+            raise ConfigError(f"{config.source}: {name}.data.bad_rows must be error or drop, got {policy!r}"
+                              f"{suggest(policy, BAD_ROW_POLICIES)}")
     _check_preferences(config)
     _check_evaluation(config)
     _check_ppo(config)
@@ -622,9 +639,9 @@ def _check_ppo(config: RunConfig) -> None:
     ppo, source = config.ppo, config.source
     if ppo.enabled and not ppo.data.train:
         raise ConfigError(f"{source}: ppo.data.train (a prompts file) is required when the ppo stage is enabled")
-    if ppo.data.format != "auto" or ppo.data.columns or ppo.data.delimiters:
+    if ppo.data.format != "auto":
         raise ConfigError(f"{source}: ppo.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); "
-                          "format, columns and delimiters do not apply to it")
+                          "its format is auto (columns can rename prompt and messages)")
     if not 0 <= ppo.data.eval_split < 1:
         raise ConfigError(f"{source}: ppo.data.eval_split must be in [0, 1), got {ppo.data.eval_split}")
     reward = ppo.reward

@@ -135,6 +135,10 @@ def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path or resolve_model_path(model_cfg.name_or_path))
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
+    if model_cfg.system_prompt is not None and tokenizer.chat_template:
+        from pipeline.render import with_system_prompt
+
+        tokenizer.chat_template = with_system_prompt(tokenizer.chat_template, model_cfg.system_prompt)
     _set_distinct_pad(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer

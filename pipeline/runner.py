@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from pipeline import launch, report, tracking
 from pipeline.artifacts import (
@@ -223,6 +224,13 @@ class Runner:
     def run(self, names: list[str]) -> list[dict]:
         launch.check_main_machine(self.config)
         preflight(self.config, names)
+        if any(name != "cpt" for name in names):  # the others render chats: say what system message they get
+            from pipeline.models import load_tokenizer
+            from pipeline.render import system_prompt_note
+
+            tokenizer = load_tokenizer(self.config.model)
+            if tokenizer.chat_template:
+                log(escape(f"system prompt: {system_prompt_note(self.config.model, tokenizer)}"))
         summary = []
         with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))

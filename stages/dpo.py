@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log, track, warn
-from pipeline.render import response_ids
+from pipeline.log import log, warn
 from reward.pairs import PreferenceRow
 from stages import hf_trainer, lm, preference_data
 
@@ -31,30 +31,32 @@ def data_files(config: RunConfig) -> dict:
     return lm.data_files(config, NAME)
 
 
-def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
+def load(config: RunConfig, data_from: Path | None = None) -> Split:
     return preference_data.load_rows(config, NAME, data_from)
 
 
 def check(config: RunConfig) -> str:
     preference_data.check_format(config, NAME)
-    train, held_out = load(config)
+    split = load(config)
     hf_trainer.check_trainer_keys(config, NAME)
     if not config.dpo.data.train:
         return "trains on the preferences stage's output"
-    return f"{len(train)} train / {len(held_out)} eval pairs"
+    return f"{len(split.train)} train / {len(split.held_out)} eval pairs{lm.dropped_note(split.dropped)}"
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of the data: the pairs and what the run's length filter leaves out, and a sample."""
+    preference_data.check_format(config, NAME)
+    return preference_data.summarise(config, NAME, tokenizer)
 
 
 def _rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[dict], int]:
-    """Conversational rows for DPOTrainer (it applies the same chat template we render with); pairs whose longer
-    side exceeds max_length are counted out rather than truncated, so no response is trained on half its text."""
-    kept = []
-    for row in track(rows, "tokenizing pairs"):
-        longest = max(len(response_ids(tokenizer, row.prompt, row.chosen)),
-                      len(response_ids(tokenizer, row.prompt, row.rejected)))
-        if longest <= max_length:
-            kept.append({"prompt": row.prompt, "chosen": [{"role": "assistant", "content": row.chosen}],
-                         "rejected": [{"role": "assistant", "content": row.rejected}]})
-    return kept, len(rows) - len(kept)
+    """Conversational rows for DPOTrainer (it applies the same chat template we render with), within max_length
+    (preference_data.measure, the filter rm applies too), and how many were too long."""
+    measured = preference_data.measure(tokenizer, rows, max_length)
+    kept = [{"prompt": row.prompt, "chosen": [{"role": "assistant", "content": row.chosen}],
+             "rejected": [{"role": "assistant", "content": row.rejected}]} for row in measured.rows]
+    return kept, measured.too_long
 
 
 def _policy(ctx: StageContext, tokenizer):
@@ -100,7 +102,8 @@ def run(ctx: StageContext) -> StageResult:
 
     from pipeline.models import load_tokenizer
 
-    train_rows, eval_rows = load(ctx.config, ctx.data_from)
+    split = load(ctx.config, ctx.data_from)
+    train_rows, eval_rows = split
     if not train_rows:
         raise PipelineError(f"{NAME}: there are no chosen/rejected pairs to train on (see the preferences stage's "
                             "tie and unlabelled counts)")
@@ -115,7 +118,7 @@ def run(ctx: StageContext) -> StageResult:
         raise ConfigError(f"{NAME}: no training pair fits in max_length={limit}")
     log(f"{NAME}: {len(train)} train / {len(held_out)} held-out pairs")
     data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(held_out),
-                    "data/dropped_too_long": dropped_train + dropped_eval}
+                    "data/dropped_too_long": dropped_train + dropped_eval, **split.dropped}
 
     model, base_dir = _policy(ctx, tokenizer)
     result = hf_trainer.fit(ctx, DPOTrainer, model, tokenizer, base_dir, Dataset.from_list(train),

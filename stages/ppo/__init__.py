@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.config import REGISTRY, RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
 
@@ -42,16 +43,35 @@ def data_files(config: RunConfig) -> dict:
     return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
 
 
-def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+def load(config: RunConfig) -> Split:
     """(training prompts, held-out prompts) as message lists ending with the user's turn."""
+    from pipeline.records import BadRows
     from reward.importers import load_prompts
-    from stages.lm import split_eval
+    from stages.lm import config_key, split_eval
 
     data = config.ppo.data
-    prompts = [messages for messages, _ in load_prompts(data.train)]
-    if data.eval:
-        return prompts, [messages for messages, _ in load_prompts(data.eval)]
-    return split_eval(prompts, data.eval_split, config.seed)
+    bad = BadRows()
+
+    def read(path) -> list[list[dict]]:
+        with config_key(f"{NAME}.data"):
+            return [messages for messages, _ in load_prompts(path, data.columns, bad)]
+
+    train, held_out = (read(data.train), read(data.eval)) if data.eval else \
+        split_eval(read(data.train), data.eval_split, config.seed)
+    return Split(train, held_out, {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data")})
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, None]:
+    """validate's account of the prompts: ppo keeps every prompt; its sequences are the prompt and up to
+    max_new_tokens of response."""
+    from pipeline.render import prompt_ids
+    from stages.lm import dropped_note
+
+    summary = check(config)
+    split = load(config)
+    longest = max((len(prompt_ids(tokenizer, p)) for p in split.train + split.held_out), default=0)
+    return (f"{summary}; longest prompt {longest} tokens, + up to {config.ppo.trainer.max_new_tokens} response "
+            f"tokens{dropped_note(split.dropped)}"), None
 
 
 def check(config: RunConfig) -> str:
@@ -120,7 +140,8 @@ def run(ctx: StageContext) -> StageResult:
     from stages.ppo.model import check_vocabulary, critic_source
     from stages.ppo.trainer import train
 
-    prompts, eval_prompts = load(ctx.config)
+    split = load(ctx.config)
+    prompts, eval_prompts = split
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     if ctx.config.ppo.critic is not None:  # a stage's result is known only now; refused before any model loads
         check_vocabulary(ctx.config, critic_source(ctx.config, ctx.run_dir, None), tokenizer)
@@ -133,7 +154,7 @@ def run(ctx: StageContext) -> StageResult:
         merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged
     critic = critic_source(ctx.config, ctx.run_dir, base_dir)
-    metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts),
+    metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts), **split.dropped,
                **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn, critic)}
     # base_model: the weights final/ (as an adapter) applies to, for the stages after this one.
     return StageResult(metrics, {"base_model": str(base_dir), "critic_init": critic.to_dict() if critic else None})
