@@ -87,10 +87,12 @@ class DistributedConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    """Training file (.jsonl, .json, or .txt)."""
-    eval: str | None = None
-    """Held-out file; when absent, `eval_split` of the training records are held out instead."""
+    train: str | list | dict = ""
+    """The training data: a file (.jsonl, .json, .parquet, .txt, each optionally .gz), a local dataset directory, a
+    Hub dataset {name: org/dataset, config, split, data_files, revision}, or a list of these, each with an optional
+    `weight` (how many times its records count: 2 twice, 0.5 a seeded half). See pipeline/sources.py."""
+    eval: str | list | dict | None = None
+    """Held-out data, as `train`; when absent, `eval_split` of the training records are held out instead."""
     eval_split: float = 0.1
     """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
     format: str = "auto"

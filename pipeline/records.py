@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import DataError, PipelineError
+from pipeline.sources import Source, dataset_rows, open_text, parquet_rows
 
-RECORD_SUFFIXES = (".jsonl", ".json")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 _JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number",
                str: "string", list: "array", dict: "object"}
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -34,29 +34,34 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def check_suffix(path, supported: tuple[str, ...]) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in supported:
-        raise DataError(path, None, None, f"unsupported file extension {suffix or '(none)'!r}; "
-                                          f"supported: {', '.join(supported)}")
-    return suffix
+def as_source(where) -> Source:
+    return where if isinstance(where, Source) else Source(path=str(where))
 
 
-def read_text(path) -> str:
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except OSError as e:
-        raise DataError(path, None, None, f"cannot read the file: {e.strerror}") from None
+def check_suffix(where, supported: tuple[str, ...]) -> str | None:
+    """A file's kind (its extension, under any .gz) when `supported`; None for a source `datasets` reads."""
+    source = as_source(where)
+    if not source.is_file:
+        return None
+    if source.suffix not in supported:
+        listed = ", ".join(supported)
+        raise DataError(source, None, None, f"unsupported file extension {source.suffix or '(none)'!r}; "
+                                            f"supported: {listed} (each may be compressed as .gz)")
+    return source.suffix
+
+
+def read_text(where) -> str:
+    """A text file's contents (decompressed when .gz), checked to be UTF-8 and not empty."""
+    source = as_source(where)
+    raw = open_text(source)
     try:
         text = raw.decode("utf-8").removeprefix("\ufeff")  # editors on Windows add a BOM
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(path, line, None, f"not valid UTF-8 (byte {raw[e.start]:#04x}); "
-                                          "re-save the file as UTF-8") from None
+        raise DataError(source, line, None, f"not valid UTF-8 (byte {raw[e.start]:#04x}); "
+                                            "re-save the file as UTF-8") from None
     if not text.strip():
-        raise DataError(path, None, None, "the file is empty")
+        raise DataError(source, None, None, "the file is empty")
     return text
 
 
@@ -224,10 +229,17 @@ def _json_records(path, text: str) -> Iterator[tuple[int, dict]]:
         raise DataError(path, line_of(pos), None, "invalid JSON: extra data after the top-level array")
 
 
-def read_records(path, bad: BadRows | None = None) -> Iterator[tuple[int, dict]]:
+def read_records(where, bad: BadRows | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line, object) for each record of a .jsonl (one object per non-blank line) or .json (a top-level array
-    of objects) file; line is where the record starts, 1-based. With `bad`, a JSON Lines line that does not parse
-    is kept there and skipped; a broken .json array stops the reading (nothing after it can be located)."""
-    suffix = check_suffix(path, RECORD_SUFFIXES)
-    text = read_text(path)
-    yield from (_jsonl_records(path, text, bad) if suffix == ".jsonl" else _json_records(path, text))
+    of objects) file, optionally .gz, where line is where the record starts, 1-based; or (row, object) for each row
+    of a .parquet file or a dataset `datasets` reads (pipeline.sources). With `bad`, a JSON Lines line that does not
+    parse is kept there and skipped; a broken .json array stops the reading (nothing after it can be located)."""
+    source = as_source(where)
+    suffix = check_suffix(source, RECORD_SUFFIXES)
+    if suffix is None:
+        yield from dataset_rows(source)
+    elif suffix == ".parquet":
+        yield from parquet_rows(source)
+    else:
+        text = read_text(source)
+        yield from (_jsonl_records(source, text, bad) if suffix == ".jsonl" else _json_records(source, text))

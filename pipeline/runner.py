@@ -28,6 +28,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
 from pipeline.log import log, warn
 from pipeline.models import BUILTIN_MODELS, resolve_model_path
+from pipeline.sources import hash_sources
 from stages import STAGES
 
 
@@ -135,8 +136,8 @@ class Runner:
         section = config.stage(name)
         hashes = {"config": hash_config({"stage": _asdict(section), "model": _asdict(config.model),
                                          "peft": _asdict(config.peft), "seed": config.seed})}
-        for key, path in STAGES[name].data_files(config).items():
-            hashes[f"data.{key}"] = hash_path(Path(path))
+        for key, value in STAGES[name].data_files(config).items():
+            hashes[f"data.{key}"] = hash_sources(value)
         if data_upstream:
             hashes[f"data.{data_upstream}"] = (read_manifest(self.run_dir / data_upstream) or {}).get("output_hash", "")
         for used in referenced_stages(config, name):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.config import RunConfig
 from pipeline.context import StageResult
 from pipeline.data import Split, load_texts
 from pipeline.errors import ConfigError
 from pipeline.records import BadRows
+from pipeline.sources import read_all
 from pipeline.render import tokenize_documents
 from stages import lm
 
@@ -19,9 +18,13 @@ def load(config: RunConfig) -> Split:
     """Parse and split the documents; raises before any compute is spent (see sft.load for bad records)."""
     data = config.cpt.data
     bad = BadRows()
+    def read(key: str) -> list:
+        return read_all(getattr(data, key), f"{NAME}.data.{key}",
+                        lambda source: load_texts(source, data.columns, data.format, bad), config.seed)
+
     with lm.config_key(f"{NAME}.data"):
-        documents = load_texts(Path(data.train), data.columns, data.format, bad)
-        held_out = load_texts(Path(data.eval), data.columns, data.format, bad) if data.eval else None
+        documents = read("train")
+        held_out = read("eval") if data.eval else None
     dropped = {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data")}
     if held_out is not None:
         return Split(documents, held_out, dropped)
@@ -52,7 +55,8 @@ def general_text(config: RunConfig) -> list:
         return []
     with lm.config_key(f"{NAME}.data"):
         # Read by its own kind (.txt paragraphs, records' text): its perplexity is over blocks, not documents.
-        return load_texts(Path(data.general_eval), data.columns)
+        return read_all(data.general_eval, f"{NAME}.data.general_eval",
+                        lambda source: load_texts(source, data.columns), config.seed)
 
 
 def run(ctx) -> StageResult:

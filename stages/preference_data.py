@@ -14,6 +14,7 @@ from pipeline.data import Split
 from pipeline.errors import ConfigError
 from pipeline.log import track
 from pipeline.records import BadRows
+from pipeline.sources import read_all
 from pipeline.render import response_ids
 from reward.importers import FORMATS
 from reward.pairs import PreferenceRow
@@ -56,19 +57,20 @@ def load_rows(config: RunConfig, stage: str, data_from: Path | None) -> Split:
     data = config.stage(stage).data
     bad = BadRows()
 
-    def read(path) -> list[PreferenceRow]:
+    def read(key: str) -> list[PreferenceRow]:
         with config_key(f"{stage}.data"):
-            return load_preferences(path, data.format, data.columns, bad)
+            return read_all(getattr(data, key), f"{stage}.data.{key}", lambda source: load_preferences(
+                source, data.format, data.columns, bad), config.seed)
 
     if data.train:
-        rows = read(data.train)
+        rows = read("train")
     elif data_from is not None:
         path = data_from / "preferences.jsonl"
         # Every pair a tie is a result of the preferences stage (reported there), not a malformed file.
         rows = load_preferences(path, "prompt") if path.stat().st_size else []
     else:
         return Split([], [])
-    held_out = read(data.eval) if data.eval else None
+    held_out = read("eval") if data.eval else None
     dropped = {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{stage}.data"),
                "data/dropped_ties": sum(row.tie for row in rows + (held_out or []))}
     rows = [row for row in rows if not row.tie]

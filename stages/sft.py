@@ -8,6 +8,7 @@ from pipeline.config import RunConfig
 from pipeline.context import StageResult
 from pipeline.data import Delimiters, Split, load_conversations
 from pipeline.records import BadRows
+from pipeline.sources import read_all
 from pipeline.render import tokenize_conversations
 from stages import lm
 
@@ -21,12 +22,13 @@ def load(config: RunConfig) -> Split:
     delimiters = Delimiters(**data.delimiters)
     bad = BadRows()
 
-    def read(path: str) -> list:
-        return load_conversations(Path(path), data.format, data.columns, delimiters, bad)
+    def read(key: str) -> list:
+        return read_all(getattr(data, key), f"{NAME}.data.{key}", lambda source: load_conversations(
+            source, data.format, data.columns, delimiters, bad), config.seed)
 
     with lm.config_key(f"{NAME}.data"):
-        train, held_out = (read(data.train), read(data.eval)) if data.eval else \
-            lm.split_eval(read(data.train), data.eval_split, config.seed)
+        train, held_out = (read("train"), read("eval")) if data.eval else \
+            lm.split_eval(read("train"), data.eval_split, config.seed)
     return Split(train, held_out, {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data")})
 
 

@@ -46,18 +46,20 @@ def data_files(config: RunConfig) -> dict:
 def load(config: RunConfig) -> Split:
     """(training prompts, held-out prompts) as message lists ending with the user's turn."""
     from pipeline.records import BadRows
+    from pipeline.sources import read_all
     from reward.importers import load_prompts
     from stages.lm import config_key, split_eval
 
     data = config.ppo.data
     bad = BadRows()
 
-    def read(path) -> list[list[dict]]:
+    def read(key: str) -> list[list[dict]]:
         with config_key(f"{NAME}.data"):
-            return [messages for messages, _ in load_prompts(path, data.columns, bad)]
+            return read_all(getattr(data, key), f"{NAME}.data.{key}", lambda source: [
+                messages for messages, _ in load_prompts(source, data.columns, bad)], config.seed)
 
-    train, held_out = (read(data.train), read(data.eval)) if data.eval else \
-        split_eval(read(data.train), data.eval_split, config.seed)
+    train, held_out = (read("train"), read("eval")) if data.eval else \
+        split_eval(read("train"), data.eval_split, config.seed)
     return Split(train, held_out, {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data")})
 
 
