@@ -32,7 +32,22 @@ PEFT_METHODS = ("lora", "prefix", "prompt", "p_tuning", "ia3", "full")
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
-    """A local Hugging Face model directory, or a built-in name (see `pipeline.models.BUILTIN_MODELS`)."""
+    """A local Hugging Face model directory, a Hub model id (org/name, downloaded into the Hugging Face cache on
+    first use; HF_HUB_OFFLINE=1 reads only the cache), or a built-in name (see `pipeline.models.BUILTIN_MODELS`)."""
+    revision: str | None = None
+    """A Hub model's branch, tag or commit (default: main)."""
+    trust_remote_code: bool = False
+    """Run the modelling code a Hub model ships (needed by some architectures). Off unless set: it is code from the
+    model's authors, run on this machine."""
+    attn_implementation: str | None = None
+    """The attention kernel, as transformers names it: eager, sdpa, flash_attention_2, flex_attention...; None:
+    transformers' default for the model."""
+    load_in_4bit: bool = False
+    """QLoRA: the base weights the stages train on are loaded in 4-bit NF4 (bitsandbytes, double quantisation,
+    computing in `dtype`) and prepared with PEFT's prepare_model_for_kbit_training; needs a CUDA GPU and a PEFT
+    adapter (peft.method other than full)."""
+    load_in_8bit: bool = False
+    """As load_in_4bit, in 8-bit (LLM.int8)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     chat_template: str | None = None

@@ -27,7 +27,7 @@ from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
 from pipeline.log import log, warn
-from pipeline.models import BUILTIN_MODELS, resolve_model_path
+from pipeline.models import BUILTIN_MODELS, model_path
 from pipeline.sources import hash_sources
 from stages import STAGES
 
@@ -72,11 +72,12 @@ def selected_stages(config: RunConfig, names: list[str] | None) -> list[str]:
 
 def preflight(config: RunConfig, names: list[str]) -> None:
     """Everything that can be checked without compute: data files parse, trainer, PEFT and judge options are valid."""
-    from pipeline.models import peft_config_for
+    from pipeline.models import check_model_options, peft_config_for
 
     peft_config_for(config.peft)
+    check_model_options(config, names)
     if config.model.name_or_path not in BUILTIN_MODELS:
-        resolve_model_path(config.model.name_or_path)
+        model_path(config.model)
     for name in names:
         STAGES[name].check(config)
 
@@ -103,7 +104,7 @@ class Runner:
             else:
                 init = "base"
         if init == "base":
-            base = resolve_model_path(self.config.model.name_or_path)
+            base = model_path(self.config.model)
             return ModelSource(base, None, f"the base model {self.config.model.name_or_path}"), None
         if init in STAGES:
             if init in will_run:
@@ -113,7 +114,7 @@ class Runner:
             return ModelSource.of_stage(self.run_dir / init), init
         path = Path(init)
         if (path / "adapter_config.json").exists():
-            return ModelSource(resolve_model_path(self.config.model.name_or_path), path, f"the adapter {path}"), None
+            return ModelSource(model_path(self.config.model), path, f"the adapter {path}"), None
         if (path / "config.json").exists():
             return ModelSource(path, None, f"the model {path}"), None
         raise ConfigError(f"{name}.init_from '{init}' is not auto, base, a stage name, or a model/adapter directory")

@@ -7,7 +7,7 @@ from rich.markup import escape
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.log import console, log
-from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
+from pipeline.models import load_tokenizer, model_path, peft_config_for
 from pipeline.render import show_sample, system_prompt_note
 from pipeline.runner import preflight
 from stages import STAGES
@@ -24,8 +24,10 @@ def check_peft_targets(config: RunConfig) -> str:
     targets = getattr(peft_config, "target_modules", None)
     if not targets or isinstance(targets, str):
         return f"{config.peft.method}: target modules {targets or 'chosen by PEFT for this architecture'}"
+    trust = config.model.trust_remote_code
+    model_config = AutoConfig.from_pretrained(model_path(config.model), trust_remote_code=trust)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path)))
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(targets) - names)
     if missing:

@@ -71,7 +71,7 @@ def _policy(ctx: StageContext, tokenizer):
         # The starting adapter is folded in, so switching the new adapter off gives the starting policy: the reference.
         model, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
     else:
-        model, base_dir = load_causal_lm(ctx.init.base, ctx.config.model, tokenizer), ctx.init.base
+        model, base_dir = load_causal_lm(ctx.init.base, ctx.config.model, tokenizer, for_training=True), ctx.init.base
     peft_config = peft_config_for(ctx.config.peft)
     if peft_config is None:
         return model, base_dir  # full fine-tuning: DPOTrainer loads a frozen reference copy from base_dir

@@ -32,6 +32,11 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
                               "--run-dir)")
         if key not in valid:
             raise ConfigError(f"{stage}.trainer.{key} is not an option of {config_cls.__name__}{suggest(key, valid)}")
+        if key.endswith("model_init_kwargs"):
+            # TRL reads it only when it loads the model from a name; the pipeline hands it a loaded model.
+            raise ConfigError(f"{stage}.trainer.{key} would be ignored: the pipeline loads the model itself. Use "
+                              "the model: keys (dtype, revision, trust_remote_code, attn_implementation, "
+                              "load_in_4bit, load_in_8bit)")
     kwargs = {
         "seed": seed,
         # TRL defaults to bf16, which CPUs without native support run slowly or not at all.
@@ -105,10 +110,14 @@ def merge_start_adapter(ctx: StageContext, tokenizer):
     """The starting policy (ctx.init, base + adapter) with its adapter folded into the weights, which are kept at
     <stage>/base: what the stage trains (its own adapter, its reference, its reward model) then sits on exactly
     those weights. Returns (the merged model, ready to train, and that directory)."""
-    from pipeline.models import load_policy
+    from pipeline.models import load_causal_lm, load_policy, quantised
 
     model = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer).train()
-    return model, save_merged_base(ctx, model, tokenizer)
+    base_dir = save_merged_base(ctx, model, tokenizer)
+    if quantised(ctx.config.model):  # merged in full precision; what trains on it is the quantised copy
+        del model
+        model = load_causal_lm(base_dir, ctx.config.model, tokenizer, for_training=True)
+    return model, base_dir
 
 
 def save_merged_base(ctx: StageContext, merged_model, tokenizer) -> Path:

@@ -89,10 +89,10 @@ def load_training_model(ctx: StageContext, tokenizer):
     set_seed(ctx.config.seed)
     source, peft = ctx.init, ctx.config.peft
     if source.adapter is None:
-        model, base_dir = load_causal_lm(source.base, ctx.config.model, tokenizer), source.base
+        model, base_dir = load_causal_lm(source.base, ctx.config.model, tokenizer, for_training=True), source.base
     elif source.adapter_method == PEFT_TYPES.get(peft.method):
         log(f"{ctx.name}: continuing to train the {peft.method} adapter from {source.description}")
-        model = load_causal_lm(source.base, ctx.config.model, tokenizer)
+        model = load_causal_lm(source.base, ctx.config.model, tokenizer, for_training=True)
         return PeftModel.from_pretrained(model, source.adapter, is_trainable=True), source.base
     elif source.adapter_method not in ("lora", "ia3"):
         raise ConfigError(

@@ -92,7 +92,7 @@ def _reward_model(ctx: StageContext, tokenizer):
     if ctx.init.adapter is not None:
         merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged  # reloaded below under a score head
-    model = load_reward_model(base_dir, ctx.config.model, tokenizer)
+    model = load_reward_model(base_dir, ctx.config.model, tokenizer, for_training=True)
     peft_config = peft_config_for(ctx.config.peft, task_type="SEQ_CLS")
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

@@ -144,3 +144,19 @@ def build_hub_dataset_cache(cache_dir: Path, repo_id: str, splits: dict[str, lis
     shutil.copytree(staging / "build" / name, cache_dir / f"{org}___{name}", dirs_exist_ok=True)
     shutil.rmtree(staging)
     return cache_dir
+
+
+HUB_COMMIT = "c0ffee" + "0" * 34
+
+
+def build_hub_model_cache(hub_cache: Path, repo_id: str, model_dir: Path, commit: str = HUB_COMMIT) -> Path:
+    """Copy a saved model into huggingface_hub's cache layout, models--<org>--<name>/snapshots/<commit>/ with
+    refs/main naming the commit, as a download of `repo_id` leaves it; returns the snapshot directory."""
+    import shutil
+
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

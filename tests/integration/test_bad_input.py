@@ -98,3 +98,28 @@ def test_options_that_do_not_apply_are_refused(capsys, monkeypatch):
                               ("sft.data.bad_rows=skip", "must be error or drop")]:
         code = main(["validate", "--config", SMOKE, "--stage", "rm", "--stage", "dpo", "--set", setting])
         assert code == 2 and fragment in " ".join(capsys.readouterr().err.split()), setting
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (["model.load_in_4bit=true"], "model.load_in_4bit loads the base weights quantised by bitsandbytes, which needs a "
+                                  "CUDA GPU (this machine has none)"),
+    (["model.load_in_8bit=true", "peft.method=full", "peft.options={}"], "peft.method full would train the quantised"),
+    (["model.load_in_4bit=true", "model.load_in_8bit=true"], "choose one"),
+    (["model.attn_implementation=flash_attention_2"], "needs a CUDA GPU"),
+    (["sft.trainer.model_init_kwargs={attn_implementation: eager}"], "would be ignored: the pipeline loads the model"),
+    (["model.name_or_path=acme/not-cached"], "is not in the Hugging Face cache"),
+    (["model.revision=v2"], "applies to Hub models"),
+])
+def test_model_options_this_machine_cannot_honour_are_refused_before_compute(tmp_path, capsys, monkeypatch,
+                                                                              settings, fragment):
+    import torch
+
+    if torch.cuda.is_available() and "CUDA" in fragment:
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "run"
+    code = main(["run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
+                 *[arg for setting in settings for arg in ("--set", setting)]])
+    assert code == 2
+    assert fragment in " ".join(capsys.readouterr().err.split())
+    assert not run_dir.exists()
