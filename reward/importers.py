@@ -78,7 +78,7 @@ class _Record:
         """Whether score_chosen equals score_rejected; a pair scored the wrong way round is refused."""
         scores = [self.data.get(name) for name in ("score_chosen", "score_rejected")]
         if scores == [None, None]:
-            return False
+            return self.data.get("tie") is True  # a tie a judge gave, in a preferences.jsonl a run wrote
         for name, score in zip(("score_chosen", "score_rejected"), scores):
             if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
                 raise self.error(name, f"must be a number (with the other score), found {json_type(score)}")
@@ -312,6 +312,9 @@ _CONVERTERS = {"prompt": _from_prompt, "hh": _from_hh, "sharegpt": _from_sharegp
 _USED = {"prompt": {"prompt", "chosen", "rejected", "chosen_messages", "rejected_messages"},
          "hh": {"chosen", "rejected", "chosen_messages", "rejected_messages"},
          "sharegpt": {"conversations", "system", "chosen", "rejected"}}
+# A preferences.jsonl the preferences stage wrote carries each row's provenance (reward.pairs.PreferenceRow): read
+# as such, not named as unread; "tie" marks a tie.
+_ROW_FIELDS = {"judge", "tie", "confidence", "source", "pair_id"}
 
 
 # How `format: auto` recognises a preference format (pipeline.data.detect_format), in order of precedence. "chosen"
@@ -337,7 +340,8 @@ def load_preferences(path, format: str = "auto", columns: Mapping[str, str] | No
 
     def convert(rec: _Record, raw: dict) -> PreferenceRow:
         refuse_media(rec.data, rec.error)
-        use.note(raw, {columns.get(name, name) for name in _USED[format] | {"score_chosen", "score_rejected"}})
+        use.note(raw, {columns.get(name, name) for name in _USED[format] | {"score_chosen", "score_rejected"}}
+                 | _ROW_FIELDS)
         return _CONVERTERS[format](rec)
 
     for line, raw in read_records(path, bad):
