@@ -1,5 +1,6 @@
 """python -m pipeline: run, plan, status, validate, label (people label preference pairs, in the terminal or on a
-web page), report, join (the other machines of a multi-machine run)."""
+web page), report, join (the other machines of a multi-machine run), export, generate and chat (a stage's result
+outside the pipeline)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-# Models and data are never fetched from a hub at run time; fail fast instead of waiting on the network.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# A Hub model or dataset a config names is fetched into the Hugging Face cache on first use, as transformers and
+# datasets do; HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1 keep every run to what is cached.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from rich.markup import escape  # noqa: E402
@@ -63,6 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--machine-rank", type=int, required=True, help="this machine's rank: 1 .. num_machines-1")
     join.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                       help="give up if no run has ended within this time (default: follow until one does)")
+    export = commands.add_parser("export", help="write a stage's result as a standalone Hugging Face model "
+                                                "directory (adapter merged), or its adapter alone")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--stage", required=True, help="the stage whose result to export (cpt, sft, rm, dpo, ppo)")
+    export.add_argument("--out", required=True, help="a new directory to write it to")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="the PEFT adapter alone, its adapter_config naming the base (a Hub id when it is one)")
+    generate = commands.add_parser("generate", help="answer every prompt of a file with a stage's result, into JSONL")
+    generate.add_argument("--run-dir", required=True)
+    generate.add_argument("--stage", required=True)
+    generate.add_argument("--prompts", required=True, help='a prompt file: {"prompt"} or {"messages"} per line')
+    generate.add_argument("--out", required=True, help="the JSONL file to write: {prompt, response, source} per line")
+    chat = commands.add_parser("chat", help="talk to a stage's result in the terminal (streaming, multi-turn)")
+    chat.add_argument("--run-dir", required=True)
+    chat.add_argument("--stage", required=True)
+    chat.add_argument("--system", help="a system message for the conversation")
+    for command in (generate, chat):
+        command.add_argument("--max-new-tokens", type=int, default=256)
+        command.add_argument("--temperature", type=float, default=0.7 if command is chat else 1.0,
+                             help="sampling temperature" + (" (0: greedy)" if command is chat else ""))
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--seed", type=int, default=None, help="default: the run's seed")
     return parser
 
 
@@ -215,8 +238,32 @@ def cmd_join(args) -> int:
     return follow(Path(args.run_dir), args.machine_rank, args.timeout)
 
 
+def cmd_export(args) -> int:
+    from pipeline.export import export
+
+    export(Path(args.run_dir), args.stage, Path(args.out), args.adapter_only)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipeline.export import generate
+
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise PipelineError("generate needs --temperature > 0, 0 < --top-p <= 1, --max-new-tokens and --batch-size "
+                            ">= 1")
+    generate(Path(args.run_dir), args.stage, Path(args.prompts), Path(args.out), args.max_new_tokens,
+             args.temperature, args.top_p, args.batch_size, args.seed)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from pipeline.export import chat
+
+    return chat(Path(args.run_dir), args.stage, args.max_new_tokens, args.temperature, args.system)
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "validate": cmd_validate, "label": cmd_label,
-            "report": cmd_report, "join": cmd_join}
+            "report": cmd_report, "join": cmd_join, "export": cmd_export, "generate": cmd_generate, "chat": cmd_chat}
 
 if __name__ == "__main__":
     sys.exit(main())

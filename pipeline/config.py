@@ -33,11 +33,30 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m-instruct"
-    """A local Hugging Face model directory, or a built-in name (see `pipeline.models.BUILTIN_MODELS`)."""
+    """A local Hugging Face model directory, a Hub model id (org/name, downloaded into the Hugging Face cache on
+    first use; HF_HUB_OFFLINE=1 reads only the cache), or a built-in name (see `pipeline.models.BUILTIN_MODELS`)."""
+    revision: str | None = None
+    """A Hub model's branch, tag or commit (default: main)."""
+    trust_remote_code: bool = False
+    """Run the modelling code a Hub model ships (needed by some architectures). Off unless set: it is code from the
+    model's authors, run on this machine."""
+    attn_implementation: str | None = None
+    """The attention kernel, as transformers names it: eager, sdpa, flash_attention_2, flex_attention...; None:
+    transformers' default for the model."""
+    load_in_4bit: bool = False
+    """QLoRA: the base weights the stages train on are loaded in 4-bit NF4 (bitsandbytes, double quantisation,
+    computing in `dtype`) and prepared with PEFT's prepare_model_for_kbit_training; needs a CUDA GPU and a PEFT
+    adapter (peft.method other than full)."""
+    load_in_8bit: bool = False
+    """As load_in_4bit, in 8-bit (LLM.int8)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     chat_template: str | None = None
     """A Jinja chat template that replaces the tokenizer's own (needed for base models that have none)."""
+    system_prompt: str | None = None
+    """The system message of every conversation that has none. None: the chat template's own default, if it has one
+    (SmolLM2's adds "You are a helpful AI assistant named SmolLM..."; `validate` shows it); "": an empty system
+    message, which turns that default off; any text: that text instead."""
 
 
 @dataclass
@@ -84,18 +103,25 @@ class DistributedConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""
-    """Training file (.jsonl, .json, or .txt)."""
-    eval: str | None = None
-    """Held-out file; when absent, `eval_split` of the training records are held out instead."""
+    train: str | list | dict = ""
+    """The training data: a file (.jsonl, .json, .parquet, .txt, each optionally .gz), a local dataset directory, a
+    Hub dataset {name: org/dataset, config, split, data_files, revision}, or a list of these, each with an optional
+    `weight` (how many times its records count: 2 twice, 0.5 a seeded half). See pipeline/sources.py."""
+    eval: str | list | dict | None = None
+    """Held-out data, as `train`; when absent, `eval_split` of the training records are held out instead."""
     eval_split: float = 0.1
     """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
     format: str = "auto"
-    """text (cpt), or for sft: delimited, alpaca, sharegpt, messages, auto (detected from the first record)."""
+    """auto (detected from the first record) or: cpt text (a .txt's documents separated by blank lines) or lines
+    (one document per line); sft delimited, alpaca, sharegpt, messages; rm and dpo prompt, hh, sharegpt; ppo auto."""
     columns: dict = field(default_factory=dict)
-    """Maps our field names to the file's, e.g. {instruction: question, output: answer}."""
+    """Maps our field names to the file's, e.g. {instruction: question, output: answer} (sft), {chosen: preferred}
+    (rm, dpo), {prompt: question} (ppo), {text: body} (cpt)."""
     delimiters: dict = field(default_factory=dict)
-    """For the delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
+    """sft's delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
+    bad_rows: str = "error"
+    """error: a bad record stops the run before any compute, listing every bad one (the first 20 and the count);
+    drop: bad records are left out, counted in stage.json (data/dropped_bad_rows) and listed in the log."""
     general_eval: str | None = None
     """cpt: general (not domain) text, .txt/.jsonl/.json like train, whose perplexity before and after training shows
     what the domain training cost elsewhere (forgetting); e.g. data/general/general.txt."""
@@ -183,6 +209,10 @@ class JudgeConfig:
 
 
 DISAGREEMENT_RULES = ("majority", "drop")
+BAD_ROW_POLICIES = ("error", "drop")
+# The formats pipeline.data reads: cpt's text (blank-line-separated documents, or one per line) and sft's chats.
+TEXT_FORMATS = ("auto", "text", "lines")
+CONVERSATION_FORMATS = ("delimited", "alpaca", "sharegpt", "messages")
 # Which judge type uses which of the optional JudgeConfig keys (the rest are shared).
 JUDGE_KEYS = {
     "human": ("overlap", "disagreement"), "human_file": ("path",), "rule": ("function",),
@@ -671,6 +701,12 @@ def _check_values(config: RunConfig) -> None:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(probe)) or not isinstance(path, str) or not path:
                 raise ConfigError(f"{config.source}: {name}.data.probes.{probe}: expected a lower-case name "
                                   "(letters, digits, _) mapped to a preference file path")
+    for name in (name for name, spec in REGISTRY.items()
+                 if "data" in {f.name for f in dataclasses.fields(spec.section)}):
+        policy = config.stage(name).data.bad_rows
+        if policy not in BAD_ROW_POLICIES:
+            raise ConfigError(f"{config.source}: {name}.data.bad_rows must be error or drop, got {policy!r}"
+                              f"{suggest(policy, BAD_ROW_POLICIES)}")
     _check_preferences(config)
     _check_iterative_dpo(config)
     _check_evaluation(config)
@@ -681,20 +717,16 @@ def _check_values(config: RunConfig) -> None:
 
 
 def _check_data_format(config: RunConfig, name: str) -> None:
-    """format, columns and delimiters where the stage reads them; a stage that would ignore one refuses it. (rm's
-    and dpo's preference formats are checked by those stages, which know them.)"""
-    from pipeline.data import FORMATS
-
+    """format and delimiters where the stage reads them; a stage that would ignore one refuses it. (The preference
+    and feedback formats of rm, dpo, kto, orpo and simpo are checked by those stages, which know them; every stage's
+    reader checks `columns` against the fields of the format it reads.)"""
     data, source = config.stage(name).data, config.source
-    formats = {"cpt": ("auto", "text"), "sft": ("auto", *(f for f in FORMATS if f != "text"))}
+    formats = {"cpt": TEXT_FORMATS, "sft": ("auto", *CONVERSATION_FORMATS)}
     if name in formats and data.format not in formats[name]:
         raise ConfigError(f"{source}: {name}.data.format '{data.format}' is not one of {', '.join(formats[name])}"
                           f"{suggest(data.format, formats[name])}")
-    if data.columns and name not in formats:
-        raise ConfigError(f"{source}: {name}.data.columns: preference files are read by their own field names "
-                          "(formats prompt, hh, sharegpt); columns apply to cpt and sft")
     if data.delimiters and name != "sft":
-        raise ConfigError(f"{source}: {name}.data.delimiters: only sft reads the delimited format")
+        raise ConfigError(f"{source}: {name}.data.delimiters: only sft reads delimited samples")
 
 
 def _check_distributed(config: RunConfig) -> None:
@@ -833,9 +865,9 @@ def _check_prompts_and_reward(config: RunConfig, name: str) -> None:
     section, source = config.stage(name), config.source
     if section.enabled and not section.data.train:
         raise ConfigError(f"{source}: {name}.data.train (a prompts file) is required when the {name} stage is enabled")
-    if section.data.format != "auto" or section.data.columns or section.data.delimiters:
-        raise ConfigError(f"{source}: {name}.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); "
-                          "format, columns and delimiters do not apply to it")
+    if section.data.format != "auto" or section.data.delimiters:
+        raise ConfigError(f"{source}: {name}.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); its "
+                          "format is auto (columns can rename prompt and messages) and delimiters do not apply to it")
     if not 0 <= section.data.eval_split < 1:
         raise ConfigError(f"{source}: {name}.data.eval_split must be in [0, 1), got {section.data.eval_split}")
     if section.data.general_eval or section.data.probes:

@@ -1,13 +1,17 @@
 """Load dataset files into one internal schema, validating every record strictly.
 
 Raw text for continued pretraining (`load_texts`) becomes `Document`s:
-  - .txt:   documents separated by one or more blank lines
+  - .txt:   documents separated by one or more blank lines (format text, the default), or one document per
+            non-blank line (format lines)
   - .jsonl / .json: records with a "text" field
 
 Chat data for SFT (`load_conversations`) becomes `Conversation`s, whose messages are
-{"role": "system"|"user"|"assistant", "content": str}. Accepted formats:
-  - messages:  {"messages": [{"role": ..., "content": ...}, ...]}
-  - sharegpt:  {"conversations": [{"from": "human"|"gpt"|..., "value": ...}], "system": ...}
+{"role": "system"|"user"|"assistant"|"tool", "content": str} (an assistant turn may add "tool_calls"), with the
+record's tool definitions beside them. Accepted formats:
+  - messages:  {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]} (OpenAI's shape: content may be a
+               list of parts, tool calls as "tool_calls" and results as role "tool")
+  - sharegpt:  {"conversations": [{"from": "human"|"gpt"|"function_call"|"observation"|..., "value": ...}],
+               "system": ..., "tools": ...}
   - alpaca:    {"instruction", "input", "output", "system", "history": [[user, assistant], ...]}
   - delimited: samples like "<start>question<sep>answer<eos>", repeated for more turns;
                one per non-blank line of a .txt file, or in the "text" field of a record
@@ -15,40 +19,45 @@ Chat data for SFT (`load_conversations`) becomes `Conversation`s, whose messages
 
 `columns` renames fields: it maps our canonical name to the file's, e.g. {"output": "response"}.
 Errors are DataErrors naming the file, the line where the record starts, and the field as
-the file spells it (e.g. "conversations[2].from"), so the user can fix the data directly.
+the file spells it (e.g. "conversations[2].from"), so the user can fix the data directly. With a `BadRows`, the
+loaders keep going past a bad record and gather them all (pipeline.records).
 """
 
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass, field
 from itertools import groupby
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
+from pipeline import tool_calls
+from pipeline.config import CONVERSATION_FORMATS, TEXT_FORMATS
 from pipeline.errors import ConfigError, DataError
+from pipeline.records import (
+    RECORD_SUFFIXES, BadRows, FieldUse, check_suffix, guarded, json_type, lines, read_records, read_text,
+    refuse_media,
+)
 
-FORMATS = ("text", "delimited", "alpaca", "sharegpt", "messages")
+FORMATS = ("text", *CONVERSATION_FORMATS)
 _CHAT_FORMATS = ("auto",) + tuple(f for f in FORMATS if f != "text")
-_RECORD_SUFFIXES = (".jsonl", ".json")
-_ALL_SUFFIXES = (".txt",) + _RECORD_SUFFIXES
+_ALL_SUFFIXES = (".txt",) + RECORD_SUFFIXES
 
 # Canonical field names each format reads; `columns` may rename exactly these.
 _FIELDS = {
     "text": ("text",),
     "delimited": ("text",),
     "alpaca": ("instruction", "input", "output", "system", "history"),
-    "sharegpt": ("conversations", "from", "value", "system"),
-    "messages": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value", "system", "tools"),
+    "messages": ("messages", "role", "content", "tools"),
 }
-_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+# Top-level fields a record may carry that mark an answer as desirable or not (KTO's label, LLaMA-Factory's kto_tag).
+_DESIRABILITY = ("label", "kto_tag")
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "system": "system"}
-_JSON_TYPES = {type(None): "null", bool: "boolean", int: "number", float: "number",
-               str: "string", list: "array", dict: "object"}
+                   "model": "assistant", "system": "system", "function_call": "assistant", "observation": "tool"}
+# Content parts that hold text (OpenAI chat and Responses shapes); any other kind is refused.
+_TEXT_PARTS = ("text", "input_text", "output_text")
 _EXPECTED = {str: "a string", list: "an array"}
-_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _SPACE = re.compile(r"\s*")
 
 
@@ -74,120 +83,20 @@ class Document:
 class Conversation:
     messages: tuple[dict, ...]
     source: str  # "path:line" where the record starts
+    tools: tuple[dict, ...] = field(default=())
+    """Tool definitions the chat template renders beside the messages ({"type": "function", "function": ...})."""
 
 
-# ---------------------------------------------------------------------------- reading files
+@dataclass
+class Split:
+    """A stage's records: (train, held-out), and what was left out on the way, counted for stage.json."""
+    train: list
+    held_out: list
+    dropped: dict = field(default_factory=dict)
+    """{"data/dropped_bad_rows": n, "data/dropped_ties": n, ...}"""
 
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES[type(value)]
-
-
-def _check_suffix(path, supported: tuple[str, ...]) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in supported:
-        raise DataError(path, None, None, f"unsupported file extension {suffix or '(none)'!r}; "
-                                          f"supported: {', '.join(supported)}")
-    return suffix
-
-
-def _read_text(path) -> str:
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except OSError as e:
-        raise DataError(path, None, None, f"cannot read the file: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")  # editors on Windows add a BOM
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(path, line, None, f"not valid UTF-8 (byte {raw[e.start]:#04x}); "
-                                          "re-save the file as UTF-8") from None
-    if not text.strip():
-        raise DataError(path, None, None, "the file is empty")
-    return text
-
-
-def _lines(text: str) -> Iterator[tuple[int, str]]:
-    # Not str.splitlines(): it also splits on U+2028 and friends, which JSON strings may contain.
-    for number, line in enumerate(text.split("\n"), 1):
-        yield number, line.removesuffix("\r")
-
-
-def _line_counter(text: str) -> Callable[[int], int]:
-    """Offset -> 1-based line, counting incrementally because offsets only grow."""
-    seen_pos, seen_line = 0, 1
-
-    def line_of(pos: int) -> int:
-        nonlocal seen_pos, seen_line
-        seen_line += text.count("\n", seen_pos, pos)
-        seen_pos = pos
-        return seen_line
-    return line_of
-
-
-def _invalid_json(path, line: int, e: json.JSONDecodeError) -> DataError:
-    return DataError(path, line, None, f"invalid JSON: {e.msg} (column {e.colno})")
-
-
-def _as_object(path, line: int, value: Any) -> dict:
-    if not isinstance(value, dict):
-        raise DataError(path, line, None, f"expected a JSON object, found {_json_type(value)}")
-    return value
-
-
-def _jsonl_records(path, text: str) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(text):
-        if line.strip():
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _invalid_json(path, number, e) from None
-            yield number, _as_object(path, number, value)
-
-
-def _json_records(path, text: str) -> Iterator[tuple[int, dict]]:
-    # Step through the array element by element so each record knows the line it starts on.
-    decoder, line_of = json.JSONDecoder(), _line_counter(text)
-
-    def decode(pos: int) -> tuple[Any, int]:
-        try:
-            return decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise _invalid_json(path, e.lineno, e) from None
-
-    def skip_space(pos: int) -> int:
-        return _JSON_SPACE.match(text, pos).end()
-
-    pos = skip_space(0)
-    if not text.startswith("[", pos):
-        raise DataError(path, line_of(pos), None,
-                        f"the top level must be a JSON array of objects, found {_json_type(decode(pos)[0])}")
-    pos = skip_space(pos + 1)
-    if text.startswith("]", pos):
-        raise DataError(path, None, None, "the file is empty: the array has no records")
-    while True:
-        value, end = decode(pos)
-        line = line_of(pos)
-        yield line, _as_object(path, line, value)
-        pos = skip_space(end)
-        if text.startswith("]", pos):
-            break
-        if not text.startswith(",", pos):
-            problem = "the array is never closed with ']'" if pos == len(text) else "expected ',' or ']'"
-            raise DataError(path, line_of(pos), None, f"invalid JSON: {problem} after an array element")
-        pos = skip_space(pos + 1)
-    pos = skip_space(pos + 1)
-    if pos < len(text):
-        raise DataError(path, line_of(pos), None, "invalid JSON: extra data after the top-level array")
-
-
-def read_records(path) -> Iterator[tuple[int, dict]]:
-    """Yield (line, object) for each record of a .jsonl (one object per non-blank line) or
-    .json (a top-level array of objects) file; line is where the record starts, 1-based."""
-    suffix = _check_suffix(path, _RECORD_SUFFIXES)
-    text = _read_text(path)
-    yield from (_jsonl_records if suffix == ".jsonl" else _json_records)(path, text)
+    def __iter__(self):  # train, held_out = split
+        return iter((self.train, self.held_out))
 
 
 # ---------------------------------------------------------------------------- record fields
@@ -214,7 +123,7 @@ class _Record:
             raise self.error(name, "is required but missing")
         value = self.data[name]
         if not isinstance(value, kind):
-            raise self.error(name, f"must be {_EXPECTED[kind]}, found {_json_type(value)}")
+            raise self.error(name, f"must be {_EXPECTED[kind]}, found {json_type(value)}")
         if nonempty and not value.strip():
             raise self.error(name, "must be a non-empty string")
         return value
@@ -227,23 +136,74 @@ def _check_columns(columns: Mapping[str, str], fmt: str) -> None:
                           f"it has: {', '.join(_FIELDS[fmt])}")
 
 
+def text_content(value: Any, field: str | None, error) -> Any:
+    """A message's content as text: a string as it is, a list of parts (OpenAI's shape) as its text parts joined as
+    chat templates render them, one after the other. A part of another kind (an image, audio) is refused: a text-only
+    model cannot use it. Anything else is returned as it is, for the caller's type check."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for index, part in enumerate(value):
+        where = f"{field}[{index}]"
+        if not isinstance(part, dict):
+            raise error(where, f"must be a content part {{\"type\": \"text\", \"text\": ...}}, found {json_type(part)}")
+        kind = part.get("type", "text" if "text" in part else None)
+        if kind not in _TEXT_PARTS:
+            raise error(f"{where}.type", f"is {kind!r}: only text parts can be trained on (this pipeline trains "
+                                         "text-only language models); remove the part, or the record")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise error(f"{where}.text", f"must be a string, found {json_type(text)}")
+        texts.append(text)
+    return "".join(texts)
+
+
+def refuse_undesirable(data: dict, error) -> None:
+    """A KTO-style record marked undesirable (label: false): supervised training would teach the model its answer."""
+    for name in _DESIRABILITY:
+        if data.get(name) is False:
+            raise error(name, "is false: this is a KTO-style record whose answer is marked undesirable, and "
+                              "supervised fine-tuning would teach the model to give it; remove such records (or set "
+                              "data.bad_rows: drop to leave them out, counted)")
+
+
 # ---------------------------------------------------------------------------- pretraining text
 
 def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
-    for blank, group in groupby(_lines(text), key=lambda numbered: not numbered[1].strip()):
+    for blank, group in groupby(lines(text), key=lambda numbered: not numbered[1].strip()):
         if not blank:
-            lines = list(group)
-            yield lines[0][0], "\n".join(line for _, line in lines)
+            found = list(group)
+            yield found[0][0], "\n".join(line for _, line in found)
 
 
-def load_texts(path, columns: dict[str, str] | None = None) -> list[Document]:
-    """Raw text documents for continued pretraining, from .txt, .jsonl or .json."""
+def load_texts(path, columns: dict[str, str] | None = None, format: str = "auto",
+               bad: BadRows | None = None) -> list[Document]:
+    """Raw text documents for continued pretraining, from .txt (format text or auto: documents separated by blank
+    lines; lines: one document per non-blank line), .jsonl or .json (a "text" field per record)."""
     columns = columns or {}
+    if format not in TEXT_FORMATS:
+        raise ConfigError(f"unknown text format {format!r}; cpt reads {', '.join(TEXT_FORMATS)}")
     _check_columns(columns, "text")
-    if _check_suffix(path, _ALL_SUFFIXES) == ".txt":
-        return [Document(text, f"{path}:{line}") for line, text in _paragraphs(_read_text(path))]
-    return [Document(_Record(data, str(path), line, columns).field("text", str, nonempty=True), f"{path}:{line}")
-            for line, data in read_records(path)]
+    if check_suffix(path, _ALL_SUFFIXES) == ".txt":
+        text = read_text(path)
+        found = lines(text) if format == "lines" else _paragraphs(text)
+        return [Document(body, f"{path}:{line}") for line, body in found if body.strip()]
+    if format == "lines":
+        raise ConfigError(f"format 'lines' reads a .txt file one document per line; {path} holds records (their "
+                          "'text' field is a document each): use format auto or text")
+    documents, use = [], FieldUse(path)
+
+    def read(line: int, data: dict) -> Document:
+        rec = _Record(data, str(path), line, columns)
+        refuse_media(data, rec.error)
+        use.note(data, {rec.name("text")})
+        return Document(rec.field("text", str, nonempty=True), f"{path}:{line}")
+    for line, data in read_records(path, bad):
+        document = guarded(bad, lambda: read(line, data))
+        if document is not None:
+            documents.append(document)
+    use.report("text format")
+    return documents
 
 
 # ---------------------------------------------------------------------------- conversations
@@ -254,38 +214,60 @@ class _Turn:
     content: Any
     role_field: str | None
     content_field: str | None
+    calls: list | None = None  # an assistant turn's tool calls, in the chat templates' shape
+    extra: dict = field(default_factory=dict)  # a tool result's tool_call_id / name, passed to the template
+
+
+# What may come after each kind of turn: tool calls are answered by their results, then the assistant goes on.
+_NEXT = {"start": ("user",), "user": ("assistant",), "assistant": ("user",), "call": ("tool",),
+         "tool": ("tool", "assistant")}
+
+
+def _order_error(turn: _Turn, state: str, expected: tuple[str, ...]) -> str:
+    if state == "call":
+        return (f"is {turn.role!r}, but an assistant turn that calls tools must be followed by their results "
+                "(role tool, or from observation)")
+    if expected == ("tool", "assistant") or turn.role in ("tool", "observation"):
+        return f"is {turn.role!r}, but a tool result must follow the assistant's tool call"
+    return (f"is {turn.role!r}, but this turn must be the {expected[0]}'s: after an optional system message, turns "
+            "alternate user, assistant")
 
 
 def _validate_conversation(turns: list[_Turn], rec: _Record, field: str | None,
-                           roles: Mapping[str, str] = _ROLES) -> Conversation:
+                           roles: Mapping[str, str] = _ROLES, tools: tuple = ()) -> Conversation:
     """The rules every format shares; `field` names the list of turns in the file."""
-    messages, exchanged = [], 0  # exchanged: user and assistant turns so far
+    messages, state, answered = [], "start", False
     for index, turn in enumerate(turns):
         if not isinstance(turn.role, str):
-            raise rec.error(turn.role_field, f"must be a string, found {_json_type(turn.role)}")
+            raise rec.error(turn.role_field, f"must be a string, found {json_type(turn.role)}")
         role = roles.get(turn.role)
         if role is None:
             raise rec.error(turn.role_field, f"unknown role {turn.role!r}; valid roles: {', '.join(roles)}")
-        if not isinstance(turn.content, str):
-            raise rec.error(turn.content_field, f"must be a string, found {_json_type(turn.content)}")
+        content = text_content(turn.content, turn.content_field, rec.error)
+        if turn.calls is not None and content is None:
+            content = ""  # OpenAI writes null content beside tool calls
+        if not isinstance(content, str):
+            raise rec.error(turn.content_field, f"must be a string, found {json_type(content)}")
         if role == "system":
             if index != 0:
                 raise rec.error(turn.role_field, "a system message is only allowed as the first message")
         else:
-            if not turn.content.strip():
+            if not content.strip() and not turn.calls:
                 raise rec.error(turn.content_field, f"must be a non-empty string ({role} turn)")
-            expected = ("user", "assistant")[exchanged % 2]
-            if role != expected:
-                raise rec.error(turn.role_field, f"is {turn.role!r}, but this turn must be the {expected}'s: "
-                                                 "after an optional system message, turns alternate user, assistant")
-            exchanged += 1
-        messages.append({"role": role, "content": turn.content})
-    if not exchanged:
+            if role not in _NEXT[state]:
+                raise rec.error(turn.role_field, _order_error(turn, state, _NEXT[state]))
+            state = "call" if turn.calls else role
+            answered = answered or role == "assistant"
+        message = {"role": role, "content": content, **turn.extra}
+        if turn.calls:
+            message["tool_calls"] = turn.calls
+        messages.append(message)
+    if not answered:
         raise rec.error(field, "must contain at least one user and one assistant turn")
     if messages[-1]["role"] != "assistant":
         # Loss is on responses: a conversation without a final response teaches nothing.
         raise rec.error(turns[-1].role_field, "the conversation must end with an assistant turn")
-    return Conversation(tuple(messages), f"{rec.path}:{rec.line}")
+    return Conversation(tuple(messages), f"{rec.path}:{rec.line}", tools)
 
 
 def _system_turn(rec: _Record) -> list[_Turn]:
@@ -293,6 +275,28 @@ def _system_turn(rec: _Record) -> list[_Turn]:
     system = rec.field("system", str, required=False)
     name = rec.name("system")
     return [_Turn("system", system, name, name)] if system and system.strip() else []
+
+
+def _tools(rec: _Record) -> tuple[dict, ...]:
+    value = rec.data.get(rec.name("tools"))
+    if value in (None, "", []):
+        return ()
+    return tool_calls.tools(value, rec.name("tools"), rec.error)
+
+
+def _message_turn(rec: _Record, item: dict, where: str, role_name: str, content_name: str) -> _Turn:
+    """One OpenAI-shaped message: content (or, beside tool calls, none), tool_calls, a tool result's ids."""
+    calls = None
+    if item.get("tool_calls") not in (None, []):
+        calls = tool_calls.openai_calls(item["tool_calls"], f"{where}.tool_calls", rec.error)
+        if item.get(role_name) != "assistant":
+            raise rec.error(f"{where}.tool_calls", "only an assistant turn can call tools")
+    elif content_name not in item:
+        raise rec.error(f"{where}.{content_name}", "is required but missing")
+    extra = {key: item[key] for key in ("tool_call_id", "name")
+             if item.get(role_name) == "tool" and isinstance(item.get(key), str)}
+    return _Turn(item[role_name], item.get(content_name), f"{where}.{role_name}", f"{where}.{content_name}",
+                 calls, extra)
 
 
 def _listed_turns(rec: _Record, list_key: str, role_key: str, content_key: str) -> list[_Turn]:
@@ -303,21 +307,30 @@ def _listed_turns(rec: _Record, list_key: str, role_key: str, content_key: str) 
     for index, item in enumerate(items):
         where = f"{list_name}[{index}]"
         if not isinstance(item, dict):
-            raise rec.error(where, f"must be an object, found {_json_type(item)}")
-        for key in (role_name, content_name):
-            if key not in item:
-                raise rec.error(f"{where}.{key}", "is required but missing")
+            raise rec.error(where, f"must be an object, found {json_type(item)}")
+        if role_name not in item:
+            raise rec.error(f"{where}.{role_name}", "is required but missing")
+        if list_key == "messages":
+            turns.append(_message_turn(rec, item, where, role_name, content_name))
+            continue
+        if content_name not in item:
+            raise rec.error(f"{where}.{content_name}", "is required but missing")
+        if item[role_name] == "function_call":  # the call is the turn's value, as JSON
+            calls = tool_calls.sharegpt_calls(item[content_name], f"{where}.{content_name}", rec.error)
+            turns.append(_Turn(item[role_name], "", f"{where}.{role_name}", f"{where}.{content_name}", calls))
+            continue
         turns.append(_Turn(item[role_name], item[content_name], f"{where}.{role_name}", f"{where}.{content_name}"))
     return turns
 
 
 def _from_messages(rec: _Record) -> Conversation:
-    return _validate_conversation(_listed_turns(rec, "messages", "role", "content"), rec, rec.name("messages"))
+    return _validate_conversation(_listed_turns(rec, "messages", "role", "content"), rec, rec.name("messages"),
+                                  tools=_tools(rec))
 
 
 def _from_sharegpt(rec: _Record) -> Conversation:
     turns = _system_turn(rec) + _listed_turns(rec, "conversations", "from", "value")
-    return _validate_conversation(turns, rec, rec.name("conversations"), _SHAREGPT_ROLES)
+    return _validate_conversation(turns, rec, rec.name("conversations"), _SHAREGPT_ROLES, _tools(rec))
 
 
 def _from_alpaca(rec: _Record) -> Conversation:
@@ -330,7 +343,7 @@ def _from_alpaca(rec: _Record) -> Conversation:
     for index, pair in enumerate(history):
         where = f"{name}[{index}]"
         if not isinstance(pair, list) or len(pair) != 2:
-            found = f"{len(pair)} items" if isinstance(pair, list) else _json_type(pair)
+            found = f"{len(pair)} items" if isinstance(pair, list) else json_type(pair)
             raise rec.error(where, f"must be a [user, assistant] pair, found {found}")
         turns += [_Turn("user", pair[0], where, f"{where}[0]"), _Turn("assistant", pair[1], where, f"{where}[1]")]
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
@@ -403,39 +416,64 @@ def _check_format(format: str) -> None:
 
 
 
-def record_conversation(data: dict, path, line: int, format: str) -> Conversation:
-    """One record of a .jsonl/.json file in the messages, sharegpt or alpaca format, by the same rules and with the
-    same path:line:field errors as load_conversations (kto reads its feedback rows' conversations this way)."""
+def conversation_fields(format: str) -> tuple[str, ...]:
+    """The canonical fields a conversation format reads (those `columns` may rename)."""
+    return _FIELDS[format]
+
+
+def record_conversation(data: dict, path, line: int, format: str,
+                        columns: Mapping[str, str] | None = None) -> Conversation:
+    """One record of a record file in the messages, sharegpt or alpaca format, by the same rules, `columns` and
+    path:line:field errors as load_conversations (kto reads its feedback rows' conversations this way)."""
     converters = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca}
-    return converters[format](_Record(data, str(path), line, {}))
+    rec = _Record(data, str(path), line, columns or {})
+    refuse_media(rec.data, rec.error)
+    return converters[format](rec)
+
+
+def _used_fields(format: str, rec: _Record) -> set[str]:
+    return {rec.name(name) for name in _FIELDS[format]} | set(_DESIRABILITY)
 
 
 def load_conversations(path, format: str = "auto", columns: dict[str, str] | None = None,
-                       delimiters: Delimiters | None = None) -> list[Conversation]:
-    """Chat data for SFT from .txt (delimited only), .jsonl or .json, in the internal schema."""
+                       delimiters: Delimiters | None = None, bad: BadRows | None = None) -> list[Conversation]:
+    """Chat data for SFT from .txt (delimited only), .jsonl or .json, in the internal schema. With `bad`, every bad
+    record is gathered there and left out; without, the first one raises."""
     _check_format(format)
     columns, delimiters = columns or {}, delimiters or Delimiters()
     if format != "auto":
         _check_columns(columns, format)
-    if _check_suffix(path, _ALL_SUFFIXES) == ".txt":
+    if check_suffix(path, _ALL_SUFFIXES) == ".txt":
         if format not in ("auto", "delimited"):
             raise DataError(path, None, None, f"a .txt file holds delimited samples; format {format!r} "
-                                              f"needs a {' or '.join(_RECORD_SUFFIXES)} file")
+                                              f"needs a {' or '.join(RECORD_SUFFIXES)} file")
         _check_columns(columns, "delimited")
-        text = _read_text(path)
-        return [_from_delimited(line, _Record({}, str(path), number, {}), None, delimiters)
-                for number, line in _lines(text) if line.strip()]
+        text = read_text(path)
+        found = (guarded(bad, lambda: _from_delimited(line, _Record({}, str(path), number, {}), None, delimiters))
+                 for number, line in lines(text) if line.strip())
+        return [conversation for conversation in found if conversation is not None]
 
     converters = {
         "messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
         "delimited": lambda rec: _from_delimited(rec.field("text", str), rec, rec.name("text"), delimiters),
     }
-    conversations = []
-    for line, data in read_records(path):
+    conversations, use = [], FieldUse(path)
+
+    def convert(rec: _Record) -> Conversation:
+        refuse_media(rec.data, rec.error)
+        refuse_undesirable(rec.data, rec.error)
+        use.note(rec.data, _used_fields(format, rec))
+        return converters[format](rec)
+
+    for line, data in read_records(path, bad):
         if format == "auto":
             # Detected on canonical names, so a file with renamed columns is recognised too.
             canonical = {file_name: name for name, file_name in columns.items()}
             format = detect_in_file(path, line, {canonical.get(key, key): value for key, value in data.items()})
             _check_columns(columns, format)
-        conversations.append(converters[format](_Record(data, str(path), line, columns)))
+        conversation = guarded(bad, lambda: convert(_Record(data, str(path), line, columns)))
+        if conversation is not None:
+            conversations.append(conversation)
+    if format != "auto":
+        use.report(f"{format} format")
     return conversations

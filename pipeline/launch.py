@@ -207,6 +207,8 @@ def worker(spec_path: Path) -> int:
 
 
 if __name__ == "__main__":
+    # The runner resolved (and, for Hub ids, fetched) the models and datasets before launching: the processes
+    # read them from the cache, so several processes never download the same files at once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,39 +32,92 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIPELINE_CACHE_DIR", Path.home() / ".cache" / "alignment-pipeline"))
 
 
-def resolve_model_path(name_or_path: str) -> Path:
-    """A directory transformers can load from: the path itself, or a built-in materialised in the cache."""
-    if name_or_path in BUILTIN_MODELS:
+def resolve_model_path(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Path:
+    """A directory transformers can load from: the path itself, a built-in materialised in the cache, or a Hub
+    model's snapshot in the Hugging Face cache (downloaded there on first use, as transformers would; its path
+    names the commit, so stage.json records exactly which weights a run used)."""
+    if name_or_path in BUILTIN_MODELS or (Path(name_or_path).expanduser() / "config.json").exists():
+        if revision:
+            raise ConfigError(f"model.revision '{revision}' applies to Hub models; '{name_or_path}' is local")
+        if name_or_path not in BUILTIN_MODELS:
+            return Path(name_or_path).expanduser()
         target = cache_dir() / name_or_path
         if not (target / "config.json").exists():
             _materialise(name_or_path, target)
         return target
-    path = Path(name_or_path).expanduser()
-    if not (path / "config.json").exists():
+    if Path(name_or_path).expanduser().exists() or not _HUB_ID.fullmatch(name_or_path):
         raise ConfigError(
-            f"model.name_or_path '{name_or_path}' is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a local "
-            "model directory with a config.json (models are never downloaded at run time)"
+            f"model.name_or_path '{name_or_path}' is neither a built-in ({', '.join(BUILTIN_MODELS)}), a local model "
+            "directory with a config.json, nor a Hub model id (org/name)"
         )
+    return _hub_snapshot(name_or_path, revision, trust_remote_code)
+
+
+def model_path(model_cfg: ModelConfig) -> Path:
+    """The run's base model (model.name_or_path at model.revision) as a directory."""
+    return resolve_model_path(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What from_pretrained reads from a model repository: configs, weights, tokenizer files, chat templates.
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    """The Hub model's files in the Hugging Face cache (HF_HUB_CACHE), the cache transformers itself uses: taken from
+    there when present (only from there under HF_HUB_OFFLINE=1), else downloaded into it. Modelling code (*.py) is
+    fetched only with trust_remote_code."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    where = f"model.name_or_path '{repo_id}'" + (f" at revision '{revision}'" if revision else "")
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=_MODEL_FILES + (["*.py"] if trust_remote_code else [])))
+    except RevisionNotFoundError:
+        raise ConfigError(f"{where}: no such revision on the Hub") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{where}: no such model on the Hub (or it is private: log in with `hf auth login`)") \
+            from None
+    except LocalEntryNotFoundError:
+        raise ConfigError(f"{where} is not in the Hugging Face cache ({_hub_cache()}) and cannot be downloaded "
+                          "(offline: HF_HUB_OFFLINE=1, or no network); download it once where the Hub can be "
+                          "reached, or give a local directory") from None
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{where}: the repository has no config.json (not a transformers model)")
     return path
 
 
-def check_causal_lm(name_or_path: str) -> None:
+def check_causal_lm(model_cfg: ModelConfig) -> None:
     """Every stage trains and samples a decoder-only causal LM: refuse anything else from its config.json alone,
-    before PEFT or a trainer meets it (an encoder-decoder such as T5 fails deep inside them otherwise)."""
+    before PEFT or a trainer meets it (an encoder-decoder such as T5 fails deep inside them otherwise). A Hub id is
+    resolved (model.revision) into the Hugging Face cache on the way."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    name_or_path = model_cfg.name_or_path
     if name_or_path in BUILTIN_MODELS:
         return
+    path = model_path(model_cfg)
     try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"model.name_or_path '{name_or_path}': its config.json does not load: "
                           f"{' '.join(str(exc).split())[:300]}") from None
     if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if model_cfg.trust_remote_code and (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM"):
+            return  # remote code that declares its own causal-LM class
         kind = "an encoder-decoder (seq2seq)" if config.is_encoder_decoder else "not a causal language"
         raise ConfigError(f"model.name_or_path '{name_or_path}' is {kind} model ({config.model_type}); the pipeline "
                           "trains decoder-only causal LMs (Llama, Qwen, SmolLM, GPT-2...): choose one of those")
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
 
 
 def _materialise(name: str, target: Path) -> None:
@@ -156,9 +210,14 @@ def _set_distinct_pad(tokenizer, model=None) -> None:
 def load_tokenizer(model_cfg: ModelConfig, path: Path | None = None):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path or resolve_model_path(model_cfg.name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(path or model_path(model_cfg),
+                                              trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.chat_template:
         tokenizer.chat_template = model_cfg.chat_template
+    if model_cfg.system_prompt is not None and tokenizer.chat_template:
+        from pipeline.render import with_system_prompt
+
+        tokenizer.chat_template = with_system_prompt(tokenizer.chat_template, model_cfg.system_prompt)
     _set_distinct_pad(tokenizer)
     tokenizer.padding_side = "right"
     return tokenizer
@@ -171,10 +230,82 @@ def _dtype(model_cfg: ModelConfig) -> torch.dtype:
     return dtype
 
 
-def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer):
+def quantised(model_cfg: ModelConfig) -> bool:
+    return model_cfg.load_in_4bit or model_cfg.load_in_8bit
+
+
+def check_model_options(config, stages: list[str]) -> None:
+    """Before any compute: the model options this machine and this run can honour (quantisation, attention)."""
+    model = config.model
+    if quantised(model):
+        key = "model.load_in_4bit" if model.load_in_4bit else "model.load_in_8bit"
+        if model.load_in_4bit and model.load_in_8bit:
+            raise ConfigError("model.load_in_4bit and model.load_in_8bit are both set: choose one")
+        if config.peft.method == "full":
+            raise ConfigError(f"{key} trains an adapter on frozen quantised weights; peft.method full would train "
+                              "the quantised weights themselves, which bitsandbytes cannot: use lora")
+        if "ppo" in stages:
+            raise ConfigError(f"{key}: ppo loads its actor, reference and critic itself and does not quantise them; "
+                              "run ppo without it")
+        if "iterative_dpo" in stages:
+            raise ConfigError(f"{key}: iterative_dpo loads each round's policy and reference itself and does not "
+                              "quantise them; run iterative_dpo without it")
+        if config.distributed.deepspeed:
+            raise ConfigError(f"{key} with DeepSpeed (distributed.deepspeed) is not supported: bitsandbytes weights "
+                              "cannot be sharded by ZeRO here; use several processes without DeepSpeed")
+        missing = [need for need, ok in (("a CUDA GPU (this machine has none)", torch.cuda.is_available()),
+                                         ("the bitsandbytes package (pip install bitsandbytes)",
+                                          importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+        if missing:
+            raise ConfigError(f"{key} loads the base weights quantised by bitsandbytes, which needs "
+                              f"{' and '.join(missing)}: unset {key}, or run where a GPU is")
+    attention = model.attn_implementation or ""
+    if attention.startswith("flash_attention"):
+        package = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}.get(attention)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.attn_implementation {attention} needs a CUDA GPU; this machine has none "
+                              "(sdpa or eager run anywhere)")
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"model.attn_implementation {attention} needs the {package} package")
+
+
+def _load(cls, path: Path, model_cfg: ModelConfig, for_training: bool, **extra):
+    """cls.from_pretrained with the model options: dtype, remote code, attention, and, for the weights a stage trains
+    an adapter on, bitsandbytes quantisation (QLoRA: 4-bit NF4 with double quantisation, computing in dtype)."""
+    kwargs = {"dtype": _dtype(model_cfg), "trust_remote_code": model_cfg.trust_remote_code, **extra}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if for_training and quantised(model_cfg):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=model_cfg.load_in_4bit, load_in_8bit=model_cfg.load_in_8bit, bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=_dtype(model_cfg))
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}  # each process's own GPU
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ConfigError(f"{path} needs the modelling code it ships: set model.trust_remote_code: true if you "
+                              "trust its authors") from None
+        if "attn_implementation" in str(exc):
+            raise ConfigError(f"model.attn_implementation: {exc}") from None
+        raise
+    if for_training and quantised(model_cfg):
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and the head in float32, inputs that carry gradients into the adapters; checkpointing stays the
+        # trainer's (its activation_checkpointing key).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def load_causal_lm(path: Path, model_cfg: ModelConfig, tokenizer, for_training: bool = False):
+    """The causal LM at `path` with the model options; `for_training`: the weights a stage puts its adapter on,
+    quantised when model.load_in_4bit / load_in_8bit ask (inference and merging always use full weights)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(model_cfg))
+    model = _load(AutoModelForCausalLM, path, model_cfg, for_training)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -195,9 +326,11 @@ def load_policy(path: Path, adapter: Path | None, model_cfg: ModelConfig, tokeni
     return model.eval()
 
 
-def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Path | None = None):
+def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Path | None = None,
+                      for_training: bool = False):
     """A one-output sequence-classification model (a reward model): `path` holds a full model (the head is newly
-    initialised when `path` is a causal LM), `adapter` an optional PEFT adapter trained on it (its head included)."""
+    initialised when `path` is a causal LM), `adapter` an optional PEFT adapter trained on it (its head included).
+    `for_training`: quantised as load_causal_lm's."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
@@ -205,7 +338,7 @@ def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Pa
 
     # From a causal LM the score head is new and lm_head unused, as intended: TRL's scope hides that load report.
     with suppress_seqcls_warning():
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(model_cfg))
+        model = _load(AutoModelForSequenceClassification, path, model_cfg, for_training, num_labels=1)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     # The score is read at the last token that is not padding, found through pad_token_id.

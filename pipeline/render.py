@@ -7,6 +7,7 @@ concatenated with EOS between documents and cut into blocks, every token carryin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pipeline.data import Conversation, Document
@@ -25,19 +26,26 @@ class Tokenized:
     longest: int = 0
 
 
-def render_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
-    """Token ids of the whole templated conversation, and labels masking everything but the assistant turns."""
+def render_conversation(tokenizer, messages, tools=()) -> tuple[list[int], list[int]]:
+    """Token ids of the whole templated conversation, and labels masking everything but the assistant turns (their
+    tool calls included: the model learns to make them; tool results carry no loss). `tools`: the tool definitions
+    the template renders beside the messages."""
     if not tokenizer.chat_template:
         raise ConfigError("the tokenizer has no chat template: set model.chat_template in the config")
-    messages = list(messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    messages, tools = list(messages), list(tools) or None
+
+    def render(turns, **kwargs) -> str:
+        return tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, **kwargs)
+
+    text = render(messages)
+    _check_renders_tools(text, tools, messages)
     # Character spans of the assistant turns: the text each assistant message adds beyond the generation prompt.
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render(messages[:i], add_generation_prompt=True)
+        through = render(messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
             raise ConfigError(
                 "the chat template renders earlier turns differently once later turns are added; "
@@ -52,6 +60,64 @@ def render_conversation(tokenizer, messages) -> tuple[list[int], list[int]]:
         for token, (lo, hi) in zip(encoded["input_ids"], encoded["offset_mapping"])
     ]
     return encoded["input_ids"], labels
+
+
+def _check_renders_tools(text: str, tools, messages) -> None:
+    """A template without tool support drops tool definitions and calls without a word: refuse instead."""
+    from pipeline.tool_calls import names
+
+    missing = sorted({name for name in names(tools or (), messages) if name not in text})
+    if missing:
+        raise ConfigError(f"the chat template does not render tools or tool calls (the function(s) {missing} are "
+                          "missing from the rendered text): set model.chat_template to a template with tool support")
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template adds to a conversation that has none (SmolLM2's "You are a helpful AI
+    assistant named SmolLM..."), or None when it adds none. Found by rendering a user turn alone and with a marked
+    system turn: what the template writes where the marked one was is its default."""
+    if not tokenizer.chat_template:
+        return None
+    user = {"role": "user", "content": "\x00user\x00"}
+    try:
+        alone = tokenizer.apply_chat_template([user], tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": "\x00system\x00"}, user], tokenize=False)
+    except Exception:  # a template that refuses a system turn has no default one either
+        return None
+    opening, _, rest = marked.partition("\x00system\x00")
+    closing = rest.partition("\x00user\x00")[0]
+    if not opening or not alone.startswith(opening) or closing not in alone[len(opening):]:
+        return None
+    return alone[len(opening):alone.index(closing, len(opening))]
+
+
+def system_prompt_note(model_cfg, tokenizer) -> str:
+    """What system message a conversation without one gets: the template's default is said out loud."""
+    if model_cfg.system_prompt is not None:
+        shown = repr(model_cfg.system_prompt) if model_cfg.system_prompt else "an empty one"
+        return f"conversations without a system message get {shown} (model.system_prompt)"
+    default = default_system_prompt(tokenizer)
+    if default is None:
+        return "the chat template adds no system message of its own"
+    return (f"the chat template gives every conversation without a system message its default {default!r}; "
+            "set model.system_prompt to replace it ('' for an empty one)")
+
+
+def with_system_prompt(template: str, system_prompt: str) -> str:
+    """`template` giving every conversation without a system turn `system_prompt` as its first message, so the
+    template's own default (if any) is never used. Applied to the tokenizer, it holds for every rendering: training,
+    TRL's own templating in dpo, sampling, judging, and the saved tokenizer of every stage's result."""
+    import json
+
+    literal = json.dumps(system_prompt)  # ASCII with escapes: a valid Jinja string literal
+    # A tokenizer saved by an earlier stage already carries the wrapper: replace it rather than stack another.
+    template = _SYSTEM_WRAPPER.sub("", template, count=1)
+    return ("{%- if messages and messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', "
+            f"'content': {literal}}}] + messages %}}{{%- endif %}}" + template)
+
+
+_SYSTEM_WRAPPER = re.compile(r"^\{%- if messages and messages\[0\]\['role'\] != 'system' %\}\{%- set messages = "
+                             r"\[\{'role': 'system', 'content': \"(?:[^\"\\]|\\.)*\"\}\] \+ messages %\}\{%- endif %\}")
 
 
 def response_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
@@ -71,7 +137,7 @@ def prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
 def tokenize_conversations(tokenizer, conversations: list[Conversation], max_length: int) -> Tokenized:
     result = Tokenized(rows=[])
     for conversation in track(conversations, "tokenizing conversations"):
-        input_ids, labels = render_conversation(tokenizer, conversation.messages)
+        input_ids, labels = render_conversation(tokenizer, conversation.messages, conversation.tools)
         result.longest = max(result.longest, len(input_ids))
         if len(input_ids) > max_length:
             result.dropped_too_long += 1

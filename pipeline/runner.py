@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from pipeline import launch, report, signals, tracking
 from pipeline.artifacts import (
@@ -29,7 +30,8 @@ from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
 from pipeline.log import log, warn
-from pipeline.models import PEFT_TYPES, check_causal_lm, resolve_model_path
+from pipeline.models import PEFT_TYPES, check_causal_lm, model_path
+from pipeline.sources import hash_sources
 from stages import STAGES
 
 
@@ -77,10 +79,11 @@ def selected_stages(config: RunConfig, names: list[str] | None) -> list[str]:
 
 def preflight(config: RunConfig, names: list[str]) -> None:
     """Everything that can be checked without compute: data files parse, trainer, PEFT and judge options are valid."""
-    from pipeline.models import peft_config_for
+    from pipeline.models import check_model_options, peft_config_for
 
     peft_config_for(config.peft)
-    check_causal_lm(config.model.name_or_path)
+    check_model_options(config, names)
+    check_causal_lm(config.model)
     for name in names:
         STAGES[name].check(config)
 
@@ -125,7 +128,7 @@ class Runner:
         """Where `name` starts from, and the upstream stage it depends on (None when it starts from a path)."""
         init = self._resolved_init(name, will_run, quiet)
         if init == "base":
-            base = resolve_model_path(self.config.model.name_or_path)
+            base = model_path(self.config.model)
             return ModelSource(base, None, f"the base model {self.config.model.name_or_path}"), None
         if init in STAGES:
             if init in will_run:
@@ -135,7 +138,7 @@ class Runner:
             return ModelSource.of_stage(self.run_dir / init), init
         path = Path(init)
         if (path / "adapter_config.json").exists():
-            return ModelSource(resolve_model_path(self.config.model.name_or_path), path, f"the adapter {path}"), None
+            return ModelSource(model_path(self.config.model), path, f"the adapter {path}"), None
         if (path / "config.json").exists():
             return ModelSource(path, None, f"the model {path}"), None
         raise ConfigError(f"{name}.init_from '{init}' is not auto, base, a stage name, or a model/adapter directory")
@@ -158,8 +161,8 @@ class Runner:
         section = config.stage(name)
         hashes = {"config": hash_config({"stage": _asdict(section), "model": _asdict(config.model),
                                          "peft": _asdict(config.peft), "seed": config.seed})}
-        for key, path in STAGES[name].data_files(config).items():
-            hashes[f"data.{key}"] = hash_path(Path(path))
+        for key, value in STAGES[name].data_files(config).items():
+            hashes[f"data.{key}"] = hash_sources(value)
         if data_upstream:
             hashes[f"data.{data_upstream}"] = (read_manifest(self.run_dir / data_upstream) or {}).get("output_hash", "")
         for used in referenced_stages(config, name):
@@ -297,6 +300,13 @@ class Runner:
         launch.check_main_machine(self.config)
         check_writable(self.run_dir)
         self.preflight(names)
+        if any(name != "cpt" for name in names):  # the others render chats: say what system message they get
+            from pipeline.models import load_tokenizer
+            from pipeline.render import system_prompt_note
+
+            tokenizer = load_tokenizer(self.config.model)
+            if tokenizer.chat_template:
+                log(escape(f"system prompt: {system_prompt_note(self.config.model, tokenizer)}"))
         summary = []
         with RunLock(self.run_dir), launch.announced(self.run_dir, self.config):
             write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))

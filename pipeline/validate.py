@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pipeline.config import REGISTRY, RunConfig
+from rich.markup import escape
+
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.log import console, log
-from pipeline.models import load_tokenizer, peft_config_for, resolve_model_path
-from pipeline.render import show_sample
+from pipeline.models import load_tokenizer, model_path, peft_config_for
+from pipeline.render import show_sample, system_prompt_note
 from stages import STAGES
-from stages.hf_trainer import max_length
 
 
 def check_peft_targets(config: RunConfig) -> str:
@@ -22,8 +23,10 @@ def check_peft_targets(config: RunConfig) -> str:
     targets = getattr(peft_config, "target_modules", None)
     if not targets or isinstance(targets, str):
         return f"{config.peft.method}: target modules {targets or 'chosen by PEFT for this architecture'}"
+    trust = config.model.trust_remote_code
+    model_config = AutoConfig.from_pretrained(model_path(config.model), trust_remote_code=trust)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path)))
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(targets) - names)
     if missing:
@@ -38,23 +41,21 @@ def validate(runner, names: list[str]) -> int:
     config = runner.config
     runner.preflight(names)
     tokenizer = load_tokenizer(config.model)
-    log(f"model: {config.model.name_or_path}; pad={tokenizer.pad_token!r} eos={tokenizer.eos_token!r}; "
-        f"chat template: {'yes' if tokenizer.chat_template else 'none'}")
+    log(escape(f"model: {config.model.name_or_path}; pad={tokenizer.pad_token!r} eos={tokenizer.eos_token!r}; "
+               f"chat template: {'yes' if tokenizer.chat_template else 'none'}"))
+    if tokenizer.chat_template:
+        log(escape(f"system prompt: {system_prompt_note(config.model, tokenizer)}"))
     log(f"peft: {check_peft_targets(config)}")
     for name in names:
         stage = STAGES[name]
-        if not REGISTRY[name].starts_later_stages:  # the language-model stages render a sample; the others summarise
-            log(f"[bold]{name}[/bold]: {stage.check(config)}")
+        summarise = getattr(stage, "summarise", None)
+        if summarise is None:  # no data of its own to measure (preferences)
+            log(f"[bold]{name}[/bold]: {escape(stage.check(config))}")
             continue
-        train, held_out = stage.load(config)
-        limit = max_length(name, config.stage(name).trainer)
-        train_tok, eval_tok = stage.tokenize(config, tokenizer, train, held_out, limit)
-        dropped = train_tok.dropped_too_long + eval_tok.dropped_too_long
-        log(f"[bold]{name}[/bold]: {len(train)} train / {len(held_out)} eval records -> "
-            f"{len(train_tok.rows)} / {len(eval_tok.rows)} sequences; longest {train_tok.longest} tokens; "
-            f"{dropped} over max_length={limit}" + (" (these would be left out)" if dropped else ""))
-        if train_tok.rows:
+        text, sample = summarise(config, tokenizer)
+        log(f"[bold]{name}[/bold]: {escape(text)}")
+        if sample is not None:
             log("one rendered sample, loss-carrying text in ⟦ ⟧:")
-            console.print(show_sample(tokenizer, train_tok.rows[0]), markup=False, highlight=False)
+            console.print(show_sample(tokenizer, sample), markup=False, highlight=False)
     log("[green]valid[/green]")
     return 0

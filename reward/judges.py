@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
-from pipeline.data import read_records
+from pipeline.records import read_records
 from pipeline.errors import ConfigError, DataError, PipelineError
 from reward.pairs import WINNERS, Label, Pair, is_number, pair_id
 

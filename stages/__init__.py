@@ -2,7 +2,7 @@
 the same shape:
 
     check(config) -> str              validate its data and options without compute; a one-line summary
-    data_files(config) -> {key: path} the files it reads, hashed to decide whether it must run again
+    data_files(config) -> {key: source} the data it reads (pipeline.sources), hashed to decide whether it must run again
     uses_model(config) -> bool         whether it starts from a model (init_from), so the runner wires one in
     run(ctx: StageContext) -> StageResult  do the work, write ctx.final_dir, return metrics and manifest fields
 

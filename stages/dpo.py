@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.errors import ConfigError
 from stages import preference_data, preference_opt
 
@@ -29,7 +30,7 @@ def data_files(config: RunConfig) -> dict:
     return preference_opt.data_files(config, NAME)
 
 
-def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
+def load(config: RunConfig, data_from: Path | None = None) -> Split:
     return preference_data.load_rows(config, NAME, data_from)
 
 
@@ -40,6 +41,11 @@ def check(config: RunConfig) -> str:
                           "full")
     preference_data.check_format(config, NAME)
     return preference_opt.check(config, NAME, load)
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of the data: the pairs and what the run's length filter leaves out, and a sample."""
+    return preference_opt.summarise(config, NAME, tokenizer)
 
 
 def run(ctx: StageContext) -> StageResult:

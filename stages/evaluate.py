@@ -168,7 +168,8 @@ def answer_references(ctx: StageContext, base_model: Path, conversations: list) 
     references."""
     from stages.metrics import text_overlap
 
-    held_out = [c for c in conversations if c.messages[-1]["role"] == "assistant"]
+    # A conversation with tools is left out: its prompt would need the tool definitions rendered with it.
+    held_out = [c for c in conversations if not c.tools and not any("tool_calls" in m for m in c.messages)]
     held_out = held_out[: ctx.config.evaluation.max_references]
     if not held_out:
         return {}

@@ -24,10 +24,11 @@ from pipeline.log import log, warn
 MANAGED_KEYS = ("output_dir", "report_to", "run_name", "resume_from_checkpoint", "deepspeed", "eval_on_start")
 # Keys that tell a TRL trainer how to load a model from a name. The pipeline hands every trainer a model it loaded
 # itself (pipeline.models), so the trainer would ignore them (DPOTrainer under full fine-tuning would apply them to
-# its reference alone): refused rather than accepted and dropped. Remote code never runs.
+# its reference alone): refused rather than accepted and dropped. Remote code runs only under model.trust_remote_code.
 MODEL_LOADING_KEYS = {
-    "model_init_kwargs": "set model.dtype (and model.chat_template) instead",
-    "trust_remote_code": "models load without remote code; use a model transformers implements",
+    "model_init_kwargs": "use the model: keys instead (model.dtype, model.chat_template, model.revision, "
+                         "model.trust_remote_code, model.attn_implementation, model.load_in_4bit, model.load_in_8bit)",
+    "trust_remote_code": "set model.trust_remote_code (off unless set) instead",
 }
 
 
@@ -40,9 +41,10 @@ def trainer_args(config_cls, stage: str, trainer: dict, seed: int, **managed):
                               "--run-dir)")
         if key not in valid:
             raise ConfigError(f"{stage}.trainer.{key} is not an option of {config_cls.__name__}{suggest(key, valid)}")
-        if key in MODEL_LOADING_KEYS and trainer[key]:
+        loading = "model_init_kwargs" if key.endswith("model_init_kwargs") else key  # ref_model_init_kwargs too
+        if loading in MODEL_LOADING_KEYS and trainer[key]:
             raise ConfigError(f"{stage}.trainer.{key} would be ignored: the pipeline loads the model itself; "
-                              f"{MODEL_LOADING_KEYS[key]}")
+                              f"{MODEL_LOADING_KEYS[loading]}")
         _check_choice(config_cls, stage, key, trainer[key])
     kwargs = {
         "seed": seed,
@@ -144,13 +146,17 @@ def merge_start_adapter(ctx: StageContext, tokenizer):
     """The starting policy (ctx.init, base + adapter) with its adapter folded into the weights, which are kept at
     <stage>/base: what the stage trains (its own adapter, its reference, its reward model) then sits on exactly
     those weights. Returns (the merged model, ready to train, and that directory)."""
-    from pipeline.models import load_policy
+    from pipeline.models import load_causal_lm, load_policy, quantised
 
     model = load_policy(ctx.init.base, ctx.init.adapter, ctx.config.model, tokenizer).train()
+    base_dir = save_merged_base(ctx, model, tokenizer)
+    if quantised(ctx.config.model):  # merged in full precision; what trains on it is the quantised copy
+        del model
+        return load_causal_lm(base_dir, ctx.config.model, tokenizer, for_training=True), base_dir
     # PEFT froze the base weights when it loaded the adapter, and merging keeps them frozen: full fine-tuning would
     # find nothing to train (a new adapter freezes them again itself).
     model.requires_grad_(True)
-    return model, save_merged_base(ctx, model, tokenizer)
+    return model, base_dir
 
 
 def save_merged_base(ctx: StageContext, merged_model, tokenizer) -> Path:

@@ -1,10 +1,11 @@
 """Stage kto: Kahneman-Tversky Optimisation (Ethayarajh et al. 2024) with TRL's KTOTrainer on unpaired feedback.
 
-The data is one response per row with a thumbs up or down: `kto.data.train` in any format
-reward.importers.load_feedback reads (a conversation in the messages, sharegpt or alpaca format whose last assistant
-turn is the response judged, as LLaMA-Factory's KTO files are, or TRL's prompt/completion; with a boolean `label`,
-or `kto_tag`), or by default the preferences stage's pairs, each as two rows: the chosen response desirable, the
-rejected one undesirable. Held out by prompt as in dpo. KTOTrainer reads the training rows in order (its KL
+The data is one response per row with a thumbs up or down: `kto.data.train` (any source pipeline/sources.py reads,
+`columns` renaming fields, `bad_rows` as for every stage) in any format reward.importers.load_feedback reads (a
+conversation in the messages, sharegpt or alpaca format whose last assistant turn is the response judged, as
+LLaMA-Factory's KTO files are, or TRL's prompt/completion; with a boolean `label`, or `kto_tag`), or by default the
+preferences stage's pairs (less its ties), each as two rows: the chosen response desirable, the rejected one
+undesirable. Held out by prompt as in dpo. KTOTrainer reads the training rows in order (its KL
 estimate pairs each prompt with another row's response in the same batch), so they are shuffled with the run's
 seed: a file sorted by label would otherwise give batches of one kind.
 
@@ -22,11 +23,14 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.errors import ConfigError
 from pipeline.log import track
+from pipeline.records import BadRows
 from pipeline.render import response_ids
+from pipeline.sources import read_all
 from reward.pairs import FeedbackRow, unpaired
-from stages import hf_trainer, preference_data, preference_opt
+from stages import hf_trainer, lm, preference_data, preference_opt
 
 NAME = "kto"
 
@@ -39,33 +43,44 @@ def data_files(config: RunConfig) -> dict:
     return preference_opt.data_files(config, NAME)
 
 
-def _read(config: RunConfig, key: str) -> list[FeedbackRow]:
-    """The feedback file at kto.data.<key>, which must hold responses of both kinds."""
-    from reward.importers import load_feedback
-
-    path = getattr(config.kto.data, key)
-    rows = load_feedback(path, config.kto.data.format)
+def _check_both_labels(rows: list[FeedbackRow], config: RunConfig, key: str) -> None:
     labels = {row.label for row in rows}
     if len(labels) == 1:
-        raise ConfigError(f"kto.data.{key}: every row of {path} is labelled {str(labels.pop()).lower()}; KTO "
-                          "learns from desirable (label true) and undesirable (label false) responses, and needs both")
-    return rows
+        raise ConfigError(f"{NAME}.data.{key}: every row of {getattr(config.kto.data, key)} is labelled "
+                          f"{str(labels.pop()).lower()}; KTO learns from desirable (label true) and undesirable "
+                          "(label false) responses, and needs both")
 
 
-def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
-    """(train, held-out) FeedbackRows, the training rows shuffled; ([], []) when they come from the preferences stage
-    and it has not run yet."""
+def load(config: RunConfig, data_from: Path | None = None) -> Split:
+    """(train, held-out) FeedbackRows, the training rows shuffled; empty when they come from the preferences stage
+    and it has not run yet. Bad rows (data.bad_rows: drop) and the preferences stage's ties are left out, counted."""
+    from reward.importers import load_feedback
+
     data = config.kto.data
+    bad = BadRows()
+
+    def read(key: str) -> list[FeedbackRow]:
+        with lm.config_key(f"{NAME}.data"):
+            return read_all(getattr(data, key), f"{NAME}.data.{key}", lambda source: load_feedback(
+                source, data.format, data.columns, bad), config.seed)
+
     if data.train:
-        rows = _read(config, "train")
+        rows, ties = read("train"), 0
     elif data_from is not None:
-        rows = unpaired(preference_data.stage_output(data_from))
+        pairs = preference_data.stage_output(data_from)
+        rows, ties = unpaired([row for row in pairs if not row.tie]), sum(row.tie for row in pairs)
     else:
-        return [], []
-    train, held_out = ((rows, _read(config, "eval")) if data.eval
+        return Split([], [])
+    held_out = read("eval") if data.eval else None
+    dropped = {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data"), "data/dropped_ties": ties}
+    if data.train:
+        _check_both_labels(rows, config, "train")
+    if held_out is not None:
+        _check_both_labels(held_out, config, "eval")
+    train, held_out = ((rows, held_out) if held_out is not None
                        else preference_data.split_by_prompt(rows, data.eval_split, config.seed))
     random.Random(config.seed).shuffle(train)
-    return train, held_out
+    return Split(train, held_out, dropped)
 
 
 def check(config: RunConfig) -> str:
@@ -75,9 +90,9 @@ def check(config: RunConfig) -> str:
     if data.format not in FEEDBACK_FORMATS:
         raise ConfigError(f"kto.data.format '{data.format}' is not one of {', '.join(FEEDBACK_FORMATS)} (feedback "
                           "formats)")
-    if data.columns or data.delimiters:
-        raise ConfigError("kto.data.columns and kto.data.delimiters do not apply: kto reads its fields by the names "
-                          "reward.importers.load_feedback lists (label or kto_tag for the thumbs up or down)")
+    if not data.train and (data.format != "auto" or data.columns):
+        raise ConfigError("kto.data.format and kto.data.columns describe kto.data.train, which is not set: kto trains "
+                          "on the preferences stage's output, whose layout is fixed")
     summary = preference_opt.check(config, NAME, load, unit="rows")
     args = hf_trainer.check_trainer_keys(config, NAME)
     if args.loss_type != "apo_zero_unpaired":  # the losses with a KL term, estimated within each batch

@@ -8,6 +8,7 @@ here once, the trainer steps in stages/hf_trainer.py.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError
@@ -17,8 +18,19 @@ from pipeline.render import show_sample
 from stages import hf_trainer
 
 
+@contextmanager
+def config_key(key: str):
+    """Name the config section in a ConfigError a loader raises about its settings (format, columns)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def split_eval(records: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out a seeded fraction of records (at least one when any are asked for)."""
+    if fraction > 0 and len(records) < 2:
+        warn(f"only {len(records)} record(s): nothing can be held out for evaluation (eval_split {fraction})")
     if fraction <= 0 or len(records) < 2:
         return records, []
     order = list(range(len(records)))
@@ -77,10 +89,10 @@ def load_training_model(ctx: StageContext, tokenizer):
     set_seed(ctx.config.seed)
     source, peft = ctx.init, ctx.config.peft
     if source.adapter is None:
-        model, base_dir = load_causal_lm(source.base, ctx.config.model, tokenizer), source.base
+        model, base_dir = load_causal_lm(source.base, ctx.config.model, tokenizer, for_training=True), source.base
     elif source.adapter_method == PEFT_TYPES.get(peft.method):
         log(f"{ctx.name}: continuing to train the {peft.method} adapter from {source.description}")
-        model = load_causal_lm(source.base, ctx.config.model, tokenizer)
+        model = load_causal_lm(source.base, ctx.config.model, tokenizer, for_training=True)
         return PeftModel.from_pretrained(model, source.adapter, is_trainable=True), source.base
     elif source.adapter_method not in ("lora", "ia3"):
         raise ConfigError(
@@ -97,9 +109,29 @@ def load_training_model(ctx: StageContext, tokenizer):
 
 def check(config, name: str, load) -> str:
     """The no-compute checks of cpt and sft: the data parses and the trainer keys are SFTConfig options."""
-    train, held_out = load(config)
+    split = load(config)
     hf_trainer.check_trainer_keys(config, name, stage_defaults(config, has_eval=False))
-    return f"{len(train)} train / {len(held_out)} eval records"
+    return f"{len(split.train)} train / {len(split.held_out)} eval records{dropped_note(split.dropped)}"
+
+
+def dropped_note(dropped: dict) -> str:
+    """What a Split left out, for a summary line: '; left out: 3 bad rows, 2 ties'."""
+    parts = [f"{count} {key.removeprefix('data/dropped_').replace('_', ' ')}" for key, count in dropped.items()
+             if count]
+    return f"; left out: {', '.join(parts)}" if parts else ""
+
+
+def summarise(config, name: str, load, tokenize, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of cpt's or sft's data: records, sequences, what the length filter leaves out (the run's
+    own tokenize), and the first training sequence to render."""
+    split = load(config)
+    limit = hf_trainer.max_length(name, config.stage(name).trainer)
+    train_tok, eval_tok = tokenize(config, tokenizer, split.train, split.held_out, limit)
+    dropped = train_tok.dropped_too_long + eval_tok.dropped_too_long
+    text = (f"{len(split.train)} train / {len(split.held_out)} eval records -> {len(train_tok.rows)} / "
+            f"{len(eval_tok.rows)} sequences; longest {train_tok.longest} tokens; {dropped} over max_length={limit}"
+            + (" (these would be left out)" if dropped else "") + dropped_note(split.dropped))
+    return text, train_tok.rows[0] if train_tok.rows else None
 
 
 def data_files(config, name: str) -> dict:
@@ -113,7 +145,8 @@ def run_stage(ctx: StageContext, load, tokenize, general: list | None = None) ->
     from datasets import Dataset
     from trl import SFTTrainer
 
-    train_records, eval_records = load(ctx.config)
+    split = load(ctx.config)
+    train_records, eval_records = split
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     limit = hf_trainer.max_length(ctx.name, ctx.section.trainer)
     train_tok, eval_tok = tokenize(ctx.config, tokenizer, train_records, eval_records, limit)
@@ -129,7 +162,7 @@ def run_stage(ctx: StageContext, load, tokenize, general: list | None = None) ->
     data_metrics = {
         "data/train_records": len(train_records), "data/eval_records": len(eval_records),
         "data/train_sequences": len(train_tok.rows), "data/eval_sequences": len(eval_tok.rows),
-        "data/dropped_too_long": dropped,
+        "data/dropped_too_long": dropped, **split.dropped,
     }
     eval_sets = {"domain": eval_tok.rows}
     if general:

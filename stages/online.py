@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline.config import REGISTRY, RunConfig, SamplingConfig
 from pipeline.context import StageContext
+from pipeline.data import Split
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
 from reward.pairs import Label, Pair
@@ -38,16 +39,36 @@ def data_files(config: RunConfig, stage: str) -> dict:
     return {key: getattr(data, key) for key in ("train", "eval") if getattr(data, key)}
 
 
-def load_prompts(config: RunConfig, stage: str) -> tuple[list[list[dict]], list[list[dict]]]:
-    """(training prompts, held-out prompts) of `stage`, as message lists ending with the user's turn."""
+def load_prompts(config: RunConfig, stage: str) -> Split:
+    """(training prompts, held-out prompts) of `stage`, as message lists ending with the user's turn, read from any
+    source pipeline/sources.py reads, `columns` renaming prompt and messages; bad rows under data.bad_rows."""
+    from pipeline.records import BadRows
+    from pipeline.sources import read_all
     from reward.importers import load_prompts as read_prompts
-    from stages.lm import split_eval
+    from stages.lm import config_key, split_eval
 
     data = config.stage(stage).data
-    prompts = [messages for messages, _ in read_prompts(data.train)]
-    if data.eval:
-        return prompts, [messages for messages, _ in read_prompts(data.eval)]
-    return split_eval(prompts, data.eval_split, config.seed)
+    bad = BadRows()
+
+    def read(key: str) -> list[list[dict]]:
+        with config_key(f"{stage}.data"):
+            return read_all(getattr(data, key), f"{stage}.data.{key}", lambda source: [
+                messages for messages, _ in read_prompts(source, data.columns, bad)], config.seed)
+
+    train, held_out = (read("train"), read("eval")) if data.eval else \
+        split_eval(read("train"), data.eval_split, config.seed)
+    return Split(train, held_out, {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{stage}.data")})
+
+
+def summarise_prompts(config: RunConfig, stage: str, tokenizer, summary: str, max_new_tokens: int) -> str:
+    """validate's account of a stage's prompts: `summary` (its check), the longest prompt and the response budget."""
+    from pipeline.render import prompt_ids
+    from stages.lm import dropped_note
+
+    split = load_prompts(config, stage)
+    longest = max((len(prompt_ids(tokenizer, p)) for p in split.train + split.held_out), default=0)
+    return (f"{summary}; longest prompt {longest} tokens, + up to {max_new_tokens} response tokens"
+            f"{dropped_note(split.dropped)}")
 
 
 def check_reward(config: RunConfig, stage: str) -> str:

@@ -1,9 +1,9 @@
 """What the offline preference-optimisation stages share (dpo, kto, orpo, simpo): each hands its rows to one TRL
 trainer, starting from sft's result (or init_from), and is compared with that starting policy once saved.
 
-1. Rows: the preferences stage's output (or the stage's `data.train`), held out by prompt (stages.preference_data);
-   a row whose longer side exceeds max_length is counted out rather than truncated, so no response is trained on
-   half its text.
+1. Rows: the preferences stage's output (or the stage's `data.train`, read with its `columns` and `bad_rows`), held
+   out by prompt (stages.preference_data); a row whose longer side exceeds max_length is counted out rather than
+   truncated, so no response is trained on half its text.
 2. The policy: the starting adapter, if any, folded into the weights (saved at <stage>/base). With LoRA a fresh
    adapter trains on them, so for the stages held to a reference (dpo, kto) the reference is those weights with the
    adapter switched off: exactly the starting policy, with no second copy in memory. With full fine-tuning the
@@ -20,8 +20,7 @@ from pathlib import Path
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.log import log, track, warn
-from pipeline.render import response_ids
+from pipeline.log import log, warn
 from reward.pairs import PreferenceRow
 from stages import hf_trainer, lm, preference_data
 
@@ -32,24 +31,26 @@ def data_files(config: RunConfig, name: str) -> dict:
 
 def check(config: RunConfig, name: str, load: Callable, defaults: dict | None = None, unit: str = "pairs") -> str:
     """Before any compute: the data parses (load raises on a bad row) and the trainer keys build the TRL config."""
-    train, held_out = load(config)
+    split = load(config)
     hf_trainer.check_trainer_keys(config, name, defaults)
     if not config.stage(name).data.train:
         return "trains on the preferences stage's output"
-    return f"{len(train)} train / {len(held_out)} eval {unit}"
+    return f"{len(split.train)} train / {len(split.held_out)} eval {unit}{lm.dropped_note(split.dropped)}"
+
+
+def summarise(config: RunConfig, name: str, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of a pair stage's data: the pairs, what the run's length filter leaves out, a sample."""
+    preference_data.check_format(config, name)
+    return preference_data.summarise(config, name, tokenizer)
 
 
 def pair_rows(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list[dict], int]:
-    """Conversational chosen/rejected rows for TRL (its trainers apply the same chat template we render with), and
-    how many pairs were longer than max_length."""
-    kept = []
-    for row in track(rows, "tokenizing pairs"):
-        longest = max(len(response_ids(tokenizer, row.prompt, row.chosen)),
-                      len(response_ids(tokenizer, row.prompt, row.rejected)))
-        if longest <= max_length:
-            kept.append({"prompt": row.prompt, "chosen": [{"role": "assistant", "content": row.chosen}],
-                         "rejected": [{"role": "assistant", "content": row.rejected}]})
-    return kept, len(rows) - len(kept)
+    """Conversational chosen/rejected rows for TRL (its trainers apply the same chat template we render with), within
+    max_length (preference_data.measure, the filter rm applies too), and how many pairs were too long."""
+    measured = preference_data.measure(tokenizer, rows, max_length)
+    kept = [{"prompt": row.prompt, "chosen": [{"role": "assistant", "content": row.chosen}],
+             "rejected": [{"role": "assistant", "content": row.rejected}]} for row in measured.rows]
+    return kept, measured.too_long
 
 
 def policy(ctx: StageContext, tokenizer, reference: bool) -> tuple[object, Path, dict]:
@@ -64,7 +65,7 @@ def policy(ctx: StageContext, tokenizer, reference: bool) -> tuple[object, Path,
         # The starting adapter is folded in, so switching the new adapter off gives the starting policy: the reference.
         model, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
     else:
-        model, base_dir = load_causal_lm(ctx.init.base, ctx.config.model, tokenizer), ctx.init.base
+        model, base_dir = load_causal_lm(ctx.init.base, ctx.config.model, tokenizer, for_training=True), ctx.init.base
     peft_config = peft_config_for(ctx.config.peft)
     if peft_config is None:
         if not reference:
@@ -105,7 +106,8 @@ def run(ctx: StageContext, trainer_cls, load: Callable, to_rows: Callable, *, re
 
     from pipeline.models import load_tokenizer
 
-    train_rows, eval_rows = load(ctx.config, ctx.data_from)
+    split = load(ctx.config, ctx.data_from)
+    train_rows, eval_rows = split
     if not train_rows:
         what = "chosen/rejected pairs" if unit == "pairs" else f"feedback {unit}"
         raise PipelineError(f"{ctx.name}: there are no {what} to train on (see the preferences stage's tie and "
@@ -121,7 +123,7 @@ def run(ctx: StageContext, trainer_cls, load: Callable, to_rows: Callable, *, re
         raise ConfigError(f"{ctx.name}: no training {unit[:-1]} fits in max_length={limit}")
     log(f"{ctx.name}: {len(train)} train / {len(held_out)} held-out {unit}")
     data_metrics = {f"data/train_{unit}": len(train), f"data/eval_{unit}": len(held_out),
-                    "data/dropped_too_long": dropped_train + dropped_eval}
+                    "data/dropped_too_long": dropped_train + dropped_eval, **split.dropped}
 
     model, base_dir, model_kwargs = policy(ctx, tokenizer, reference)
     result = hf_trainer.fit(ctx, trainer_cls, model, tokenizer, base_dir, Dataset.from_list(train),

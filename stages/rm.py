@@ -17,10 +17,10 @@ from pathlib import Path
 from pipeline.artifacts import write_json_atomic
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, track, warn
-from pipeline.render import response_ids
 from reward.agreement import reliability
 from reward.judges import sigmoid
 from reward.pairs import PreferenceRow
@@ -56,32 +56,28 @@ def check_probes_held_out(probes: dict, train_rows: list[PreferenceRow]) -> None
                               "pairs; a probe must be held out")
 
 
-def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
+def load(config: RunConfig, data_from: Path | None = None) -> Split:
     return preference_data.load_rows(config, NAME, data_from)
 
 
 def check(config: RunConfig) -> str:
     preference_data.check_format(config, NAME)
-    train, held_out = load(config)
+    split = load(config)
     probes = load_probes(config)
-    check_probes_held_out(probes, train)
+    check_probes_held_out(probes, split.train)
     hf_trainer.check_trainer_keys(config, NAME)
     probed = "".join(f", probe {name}: {len(rows)} pairs" for name, rows in probes.items())
     if not config.rm.data.train:
         return "trains on the preferences stage's output" + probed
-    return f"{len(train)} train / {len(held_out)} eval pairs" + probed
+    return f"{len(split.train)} train / {len(split.held_out)} eval pairs{lm.dropped_note(split.dropped)}" + probed
 
 
-def tokenize(tokenizer, rows: list[PreferenceRow], max_length: int) -> tuple[list, list[dict], int]:
-    """(rows kept, their pre-tokenized chosen_ids/rejected_ids for TRL, how many pairs were over max_length)."""
-    kept, tokenized = [], []
-    for row in track(rows, "tokenizing pairs"):
-        chosen = response_ids(tokenizer, row.prompt, row.chosen)
-        rejected = response_ids(tokenizer, row.prompt, row.rejected)
-        if max(len(chosen), len(rejected)) <= max_length:
-            kept.append(row)
-            tokenized.append({"chosen_ids": chosen, "rejected_ids": rejected})
-    return kept, tokenized, len(rows) - len(kept)
+def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of the data: the pairs and what the run's length filter leaves out, and a sample."""
+    preference_data.check_format(config, NAME)
+    check_probes_held_out(load_probes(config), load(config).train)
+    text, sample = preference_data.summarise(config, NAME, tokenizer)
+    return text + "".join(f", probe {name}: {len(rows)} pairs" for name, rows in load_probes(config).items()), sample
 
 
 def _reward_model(ctx: StageContext, tokenizer):
@@ -96,7 +92,7 @@ def _reward_model(ctx: StageContext, tokenizer):
     if ctx.init.adapter is not None:
         merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged  # reloaded below under a score head
-    model = load_reward_model(base_dir, ctx.config.model, tokenizer)
+    model = load_reward_model(base_dir, ctx.config.model, tokenizer, for_training=True)
     peft_config = peft_config_for(ctx.config.peft, task_type="SEQ_CLS")
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
@@ -134,11 +130,13 @@ def run(ctx: StageContext) -> StageResult:
 
     from pipeline.models import load_tokenizer
 
-    train_rows, eval_rows = load(ctx.config, ctx.data_from)
+    split = load(ctx.config, ctx.data_from)
+    train_rows = split.train
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     limit = hf_trainer.max_length(NAME, ctx.section.trainer)
-    _, train_tok, dropped_train = tokenize(tokenizer, train_rows, limit)
-    eval_rows, eval_tok, dropped_eval = tokenize(tokenizer, eval_rows, limit)
+    train, held_out = (preference_data.measure(tokenizer, rows, limit) for rows in (split.train, split.held_out))
+    train_tok, dropped_train = train.ids, train.too_long
+    eval_rows, eval_tok, dropped_eval = held_out.rows, held_out.ids, held_out.too_long
     if dropped_train + dropped_eval:
         warn(f"{NAME}: {dropped_train + dropped_eval} pairs have a response longer than max_length={limit} tokens "
              f"and were left out ({dropped_train} train, {dropped_eval} eval)")
@@ -151,7 +149,7 @@ def run(ctx: StageContext) -> StageResult:
     check_probes_held_out(probes, train_rows)
     log(f"{NAME}: {len(train_tok)} train / {len(eval_tok)} held-out pairs")
     data_metrics = {"data/train_pairs": len(train_tok), "data/eval_pairs": len(eval_tok),
-                    "data/dropped_too_long": dropped_train + dropped_eval}
+                    "data/dropped_too_long": dropped_train + dropped_eval, **split.dropped}
 
     model, base_dir = _reward_model(ctx, tokenizer)
     batch_size = ctx.section.trainer.get("per_device_eval_batch_size", 8)

@@ -6,31 +6,34 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageResult
-from pipeline.data import Delimiters, load_conversations
+from pipeline.data import Delimiters, Split, load_conversations
 from pipeline.errors import ConfigError
+from pipeline.records import BadRows
+from pipeline.sources import read_all
 from pipeline.render import tokenize_conversations
 from stages import lm
 
 NAME = "sft"
 
 
-def load(config: RunConfig) -> tuple[list, list]:
-    """Parse and split the conversations; raises DataError before any compute is spent."""
+def load(config: RunConfig) -> Split:
+    """Parse and split the conversations; raises before any compute is spent, naming every bad record (or, with
+    sft.data.bad_rows: drop, leaves them out and counts them)."""
     data = config.sft.data
     try:
         delimiters = Delimiters(**data.delimiters)
     except ConfigError as exc:
         raise ConfigError(f"sft.data.{exc}") from None
+    bad = BadRows()
 
-    def read(path: str) -> list:
-        try:
-            return load_conversations(Path(path), data.format, data.columns, delimiters)
-        except ConfigError as exc:  # columns that are not the format's fields: the config's, not the file's
-            raise ConfigError(f"sft.data: {exc}") from None
+    def read(key: str) -> list:
+        return read_all(getattr(data, key), f"{NAME}.data.{key}", lambda source: load_conversations(
+            source, data.format, data.columns, delimiters, bad), config.seed)
 
-    if data.eval:
-        return read(data.train), read(data.eval)
-    return lm.split_eval(read(data.train), data.eval_split, config.seed)
+    with lm.config_key(f"{NAME}.data"):
+        train, held_out = (read("train"), read("eval")) if data.eval else \
+            lm.split_eval(read("train"), data.eval_split, config.seed)
+    return Split(train, held_out, {"data/dropped_bad_rows": bad.settle(data.bad_rows, f"{NAME}.data")})
 
 
 def tokenize(config: RunConfig, tokenizer, train_convs: list, eval_convs: list, max_length: int):
@@ -46,11 +49,15 @@ def evaluate_saved(ctx, result: StageResult) -> dict:
     """The held-out conversations answered by the saved policy and scored against their reference answers."""
     from stages.evaluate import answer_references
 
-    return answer_references(ctx, Path(result.manifest["base_model"]), load(ctx.config)[1])
+    return answer_references(ctx, Path(result.manifest["base_model"]), load(ctx.config).held_out)
 
 
 def check(config: RunConfig) -> str:
     return lm.check(config, NAME, load)
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
+    return lm.summarise(config, NAME, load, tokenize, tokenizer)
 
 
 def data_files(config: RunConfig) -> dict:

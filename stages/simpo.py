@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 from pipeline.errors import ConfigError
 from stages import preference_data, preference_opt
 
@@ -32,7 +33,7 @@ def data_files(config: RunConfig) -> dict:
     return preference_opt.data_files(config, NAME)
 
 
-def load(config: RunConfig, data_from: Path | None = None) -> tuple[list, list]:
+def load(config: RunConfig, data_from: Path | None = None) -> Split:
     return preference_data.load_rows(config, NAME, data_from)
 
 
@@ -43,6 +44,12 @@ def check(config: RunConfig) -> str:
         raise ConfigError(f"simpo.trainer.loss_type is {loss!r}: the simpo stage trains SimPO ({' or '.join(LOSSES)}); "
                           "CPO's other losses (sigmoid, hinge, ipo) are not offered as a stage")
     return preference_opt.check(config, NAME, load, DEFAULTS)
+
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
+    """validate's account of the data: the pairs and what the run's length filter leaves out, and a sample."""
+    return preference_opt.summarise(config, NAME, tokenizer)
 
 
 def run(ctx: StageContext) -> StageResult:

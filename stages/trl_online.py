@@ -35,7 +35,7 @@ from pipeline.context import StageContext, StageResult
 from pipeline.distributed import is_main_process
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log
-from stages import hf_trainer
+from stages import hf_trainer, lm
 from stages.online import RewardFunction, build_reward, check_reward, load_prompts
 
 SAMPLES_PER_TABLE = 16  # rows of samples.jsonl's table per logged step, as ppo's
@@ -47,7 +47,8 @@ def check(config: RunConfig, stage: str) -> str:
     if config.peft.method not in ("lora", "full"):
         raise ConfigError(f"{stage} with peft.method={config.peft.method}: the reference is the policy with its "
                           "adapter switched off, which needs lora (or full, with a frozen copy)")
-    train, held_out = load_prompts(config, stage)
+    split = load_prompts(config, stage)
+    train, held_out = split
     source = check_reward(config, stage)
     trainer = config.stage(stage).trainer
     check_vllm(stage, trainer)
@@ -62,7 +63,7 @@ def check(config: RunConfig, stage: str) -> str:
         raise ConfigError(f"{stage}.trainer.per_device_eval_batch_size ({args.per_device_eval_batch_size} per process, "
                           f"{world} processes) must hold whole groups of {groups} responses to a held-out prompt")
     return (f"{len(train)} prompts ({len(held_out)} held out), {args.num_generations} responses each, "
-            f"{source}")
+            f"{source}{lm.dropped_note(split.dropped)}")
 
 
 def check_vllm(stage: str, trainer: dict) -> None:
@@ -166,8 +167,9 @@ def _policy(ctx: StageContext, tokenizer):
         merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged
     # Loaded from base_dir: under full fine-tuning TRL loads the reference from the policy's config._name_or_path,
-    # which then names the starting weights.
-    return load_causal_lm(base_dir, ctx.config.model, tokenizer), base_dir, peft_config_for(ctx.config.peft)
+    # which then names the starting weights. for_training: quantised (model.load_in_4bit/8bit) for TRL's adapter.
+    return (load_causal_lm(base_dir, ctx.config.model, tokenizer, for_training=True), base_dir,
+            peft_config_for(ctx.config.peft))
 
 
 def _results(stage: str, held_out: bool):
@@ -197,9 +199,10 @@ def run(ctx: StageContext, trainer_cls) -> StageResult:
     from pipeline.models import load_tokenizer
     from pipeline.render import prompt_ids
 
-    prompts, held_out = load_prompts(ctx.config, ctx.name)
+    split = load_prompts(ctx.config, ctx.name)
+    prompts, held_out = split
     if not prompts:
-        raise PipelineError(f"{ctx.name}: {ctx.section.data.train} holds no prompts to train on")
+        raise PipelineError(f"{ctx.name}: {ctx.name}.data.train holds no prompts to train on")
     trainer = ctx.section.trainer
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     max_new_tokens, batch_size = (_setting(ctx.name, trainer, key)
@@ -225,7 +228,8 @@ def run(ctx: StageContext, trainer_cls) -> StageResult:
         ctx, trainer_class(trainer_cls, ctx.stage_dir / "samples.jsonl"), model, tokenizer, base_dir, train_data,
         eval_data, trainer_evaluates=bool(held_out), after=_results(ctx.name, bool(held_out)),
         reward_funcs=trl_reward(reward_fn, name), peft_config=peft_config)
-    result.metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(held_out), **result.metrics}
+    result.metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(held_out), **split.dropped,
+                      **result.metrics}
     return result
 
 

@@ -131,3 +131,43 @@ def with_large_random_weights(model, std: float, seed: int):
             if parameter.dim() == 2:
                 parameter.normal_(0, std, generator=generator)
     return model
+
+
+def build_hub_dataset_cache(cache_dir: Path, repo_id: str, splits: dict[str, list[dict]], revision: str = "0" * 40):
+    """Put `splits` into a `datasets` cache as a download of the Hub dataset `repo_id` leaves it (the packaged json
+    builder's Arrow files under <org>___<name>/default/0.0.0/<revision>/), so that with HF_DATASETS_OFFLINE=1 and
+    HF_DATASETS_CACHE=cache_dir, load_dataset(repo_id, split=...) reads it as it would a real one from its cache."""
+    import json
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    org, name = repo_id.split("/")
+    staging = cache_dir / ".staging"
+    files = {}
+    for split, records in splits.items():
+        files[split] = str(staging / f"{split}.jsonl")
+        (staging).mkdir(parents=True, exist_ok=True)
+        Path(files[split]).write_text("".join(json.dumps(r) + "\n" for r in records))
+    builder = Json(cache_dir=str(staging / "build"), dataset_name=name, config_name="default", config_id="default",
+                   data_files=files, hash=revision)
+    builder.download_and_prepare()
+    shutil.copytree(staging / "build" / name, cache_dir / f"{org}___{name}", dirs_exist_ok=True)
+    shutil.rmtree(staging)
+    return cache_dir
+
+
+HUB_COMMIT = "c0ffee" + "0" * 34
+
+
+def build_hub_model_cache(hub_cache: Path, repo_id: str, model_dir: Path, commit: str = HUB_COMMIT) -> Path:
+    """Copy a saved model into huggingface_hub's cache layout, models--<org>--<name>/snapshots/<commit>/ with
+    refs/main naming the commit, as a download of `repo_id` leaves it; returns the snapshot directory."""
+    import shutil
+
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

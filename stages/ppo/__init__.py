@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
+from pipeline.data import Split
 
 NAME = "ppo"
 
@@ -41,11 +42,19 @@ def data_files(config: RunConfig) -> dict:
     return data_files(config, NAME)
 
 
-def load(config: RunConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+def load(config: RunConfig) -> Split:
     """(training prompts, held-out prompts) as message lists ending with the user's turn."""
     from stages.online import load_prompts
 
     return load_prompts(config, NAME)
+
+
+def summarise(config: RunConfig, tokenizer) -> tuple[str, None]:
+    """validate's account of the prompts: ppo keeps every prompt; its sequences are the prompt and up to
+    max_new_tokens of response."""
+    from stages.online import summarise_prompts
+
+    return summarise_prompts(config, NAME, tokenizer, check(config), config.ppo.trainer.max_new_tokens), None
 
 
 def check(config: RunConfig) -> str:
@@ -67,7 +76,8 @@ def run(ctx: StageContext) -> StageResult:
     from stages.ppo.model import check_vocabulary, critic_source
     from stages.ppo.trainer import train
 
-    prompts, eval_prompts = load(ctx.config)
+    split = load(ctx.config)
+    prompts, eval_prompts = split
     tokenizer = load_tokenizer(ctx.config.model, ctx.init.base)
     if ctx.config.ppo.critic is not None:  # a stage's result is known only now; refused before any model loads
         check_vocabulary(ctx.config, critic_source(ctx.config, ctx.run_dir, None), tokenizer)
@@ -86,7 +96,7 @@ def run(ctx: StageContext) -> StageResult:
         merged, base_dir = hf_trainer.merge_start_adapter(ctx, tokenizer)
         del merged
     critic = critic_source(ctx.config, ctx.run_dir, base_dir)
-    metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts),
+    metrics = {"data/train_prompts": len(prompts), "data/eval_prompts": len(eval_prompts), **split.dropped,
                **train(ctx, prompts, eval_prompts, tokenizer, base_dir, reward_fn, critic)}
     # base_model: the weights final/ (as an adapter) applies to, for the stages after this one.
     return StageResult(metrics, {"base_model": str(base_dir), "critic_init": critic.to_dict() if critic else None})

@@ -78,3 +78,61 @@ def test_validate_names_missing_peft_target_modules(capsys, monkeypatch):
     code = main(["validate", "--config", SMOKE, "--set", "peft.options.target_modules=[q_proj, qkv]"])
     assert code == 2
     assert "['qkv'] are not modules of this model" in " ".join(capsys.readouterr().err.split())
+
+
+def test_every_bad_row_is_listed_in_one_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((GOOD + '{"messages": [{"role": "user", "content": "q"}]}\n') * 9)
+    code = main(["validate", "--config", SMOKE, "--stage", "sft", "--set", f"sft.data.train={bad}"])
+    message = capsys.readouterr().err
+    assert code == 2
+    assert "sft.data: 9 bad rows:" in message and "sft.data.bad_rows: drop" in message
+    assert [f"bad.jsonl:{line}:" in message for line in range(2, 19, 2)] == [True] * 9
+
+
+def test_a_txt_corpus_of_one_document_per_line_is_not_split_silently(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Document number {i} on a line of its own.\n" for i in range(20)))
+    code = main(["validate", "--config", SMOKE, "--stage", "cpt", "--set", f"cpt.data.train={corpus}"])
+    assert code == 2
+    assert "set cpt.data.format: lines" in " ".join(capsys.readouterr().err.split())
+    code = main(["validate", "--config", SMOKE, "--stage", "cpt", "--set", f"cpt.data.train={corpus}",
+                 "--set", "cpt.data.format=lines", "--set", "cpt.data.eval_split=0.1"])
+    assert code == 0
+    assert "18 train / 2 eval records" in " ".join(capsys.readouterr().err.split())
+
+
+def test_options_that_do_not_apply_are_refused(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for setting, fragment in [("rm.data.columns={chosen: good}", "rm.data.format and rm.data.columns describe"),
+                              ("dpo.data.delimiters={start: '<s>'}", "only sft reads delimited samples"),
+                              ("sft.data.bad_rows=skip", "must be error or drop")]:
+        code = main(["validate", "--config", SMOKE, "--stage", "rm", "--stage", "dpo", "--set", setting])
+        assert code == 2 and fragment in " ".join(capsys.readouterr().err.split()), setting
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (["model.load_in_4bit=true"], "model.load_in_4bit loads the base weights quantised by bitsandbytes, which needs a "
+                                  "CUDA GPU (this machine has none)"),
+    (["model.load_in_8bit=true", "peft.method=full", "peft.options={}"], "peft.method full would train the quantised"),
+    (["model.load_in_4bit=true", "model.load_in_8bit=true"], "choose one"),
+    (["model.attn_implementation=flash_attention_2"], "needs a CUDA GPU"),
+    (["sft.trainer.model_init_kwargs={attn_implementation: eager}"], "would be ignored: the pipeline loads the model"),
+    (["model.name_or_path=acme/not-cached"], "is not in the Hugging Face cache"),
+    (["model.revision=v2"], "applies to Hub models"),
+])
+def test_model_options_this_machine_cannot_honour_are_refused_before_compute(tmp_path, capsys, monkeypatch,
+                                                                              settings, fragment):
+    import torch
+
+    if torch.cuda.is_available() and "CUDA" in fragment:
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    monkeypatch.chdir(REPO)
+    run_dir = tmp_path / "run"
+    code = main(["run", "--config", SMOKE, "--stage", "sft", "--run-dir", str(run_dir),
+                 *[arg for setting in settings for arg in ("--set", setting)]])
+    assert code == 2
+    assert fragment in " ".join(capsys.readouterr().err.split())
+    assert not run_dir.exists()

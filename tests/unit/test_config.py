@@ -139,7 +139,7 @@ def test_source_is_not_a_user_key(tmp_path):
     ({"sft": {"enabled": "yes", "data": {"train": SFT_TRAIN}}}, "sft.enabled"),  # string for bool
     ({"sft": {"data": {"train": SFT_TRAIN, "eval_split": "0.1"}}}, "sft.data.eval_split"),  # string for float
     ({"sft": {"data": {"train": SFT_TRAIN, "eval_split": True}}}, "sft.data.eval_split"),
-    ({"sft": {"data": {"train": ["a", "b"]}}}, "sft.data.train"),
+    ({"sft": {"data": {"train": 5}}}, "sft.data.train"),
     ({"sft": {"data": {"train": SFT_TRAIN}, "trainer": 5}}, "sft.trainer"),
 ])
 def test_wrong_type_names_key(tmp_path, data, key):

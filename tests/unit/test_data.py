@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import (
-    Conversation, Delimiters, Document, detect_format, load_conversations, load_texts, read_records,
+    Conversation, Delimiters, Document, detect_format, load_conversations, load_texts,
 )
 from pipeline.errors import ConfigError, DataError
+from pipeline.records import read_records
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
 

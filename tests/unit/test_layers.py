@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipeline", "stages", "reward")
 ORCHESTRATION = {"pipeline", "pipeline.__main__", "pipeline.cli", "pipeline.runner", "pipeline.launch",
-                 "pipeline.join", "pipeline.validate", "pipeline.report", "pipeline.plots"}
+                 "pipeline.join", "pipeline.validate", "pipeline.report", "pipeline.plots", "pipeline.export"}
 LAYERS = ("foundation", "reward", "stages", "orchestration")
 
 
