@@ -105,6 +105,9 @@ class BadRows:
             warn(f"{key}: {count} left out ({key}.bad_rows: drop; counted in stage.json as data/dropped_bad_rows):"
                  f"\n{listed}")
             return len(self.errors)
+        if len(self.errors) == 1:  # one line, as every other error is
+            raise BadRowsError(f"{key}: {count}: {self.errors[0]}; fix it, or set {key}.bad_rows: drop to train "
+                               "without it (counted in stage.json)", self.errors)
         raise BadRowsError(f"{key}: {count}:\n{listed}\nFix them, or set {key}.bad_rows: drop to train without "
                            "them (they are counted in stage.json)", self.errors)
 

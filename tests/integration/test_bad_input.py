@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bad_input_corpus import CASES
+from bad_input_corpus import CASES, GOOD_SFT
 from conftest import REPO
 
 from pipeline.cli import main
@@ -83,7 +83,7 @@ def test_validate_names_missing_peft_target_modules(capsys, monkeypatch):
 def test_every_bad_row_is_listed_in_one_pass(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text((GOOD + '{"messages": [{"role": "user", "content": "q"}]}\n') * 9)
+    bad.write_text((GOOD_SFT + '{"messages": [{"role": "user", "content": "q"}]}\n') * 9)
     code = main(["validate", "--config", SMOKE, "--stage", "sft", "--set", f"sft.data.train={bad}"])
     message = capsys.readouterr().err
     assert code == 2
