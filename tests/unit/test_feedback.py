@@ -58,7 +58,9 @@ def test_every_feedback_shape_reads_to_the_same_rows(tmp_path):
      "must be true or false, found string 'true'"),
     ({"messages": [msg("user", "Hi"), msg("assistant", "Yo")], "label": True, "kto_tag": True}, "kto_tag",
      "label and kto_tag are both given"),
-    ({"messages": [msg("user", "Hi")], "label": True}, "messages[0].role", "must end with an assistant turn"),
+    ({"messages": [msg("user", "Hi")], "label": True}, "messages", "at least one user and one assistant turn"),
+    ({"messages": [msg("user", "Hi"), msg("assistant", "Yo"), msg("user", "So?")], "label": True},
+     "messages[2].role", "must end with an assistant turn"),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}], "label": True},
      "conversations[1].from", "unknown role 'bot'"),
     ({"prompt": "Hi", "completion": 3, "label": True}, "completion", "must be a string or an array of messages"),
@@ -90,13 +92,30 @@ def test_kto_refuses_a_file_with_one_label_and_options_it_cannot_honour(tmp_path
         ("kto.trainer.desirable_wieght=2", r"kto.trainer.desirable_wieght is not an option of KTOConfig.*"
                                            r"'desirable_weight'"),
         ("kto.data.format=prompt", "kto.data.format 'prompt' is not one of auto, messages"),
-        ("kto.data.columns={label: thumbs}", "kto.data.columns: kto reads its files by their own field names"),
+        ("kto.data.columns={label: thumbs}", "kto.data.format and kto.data.columns describe kto.data.train"),
+        ("kto.data.delimiters={sep: '|'}", "kto.data.delimiters: only sft reads delimited samples"),
     ]:
         with pytest.raises(ConfigError, match=message):
             kto.check(load_config(SMOKE, [override]))
     # apo_zero_unpaired has no KL term, so a batch of one is fine there.
     kto.check(load_config(SMOKE, ["kto.trainer.per_device_train_batch_size=1",
                                   "kto.trainer.loss_type=apo_zero_unpaired"]))
+
+
+def test_kto_reads_renamed_columns_and_drops_bad_rows_counted(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [
+        {"question": "Q1", "answer": "A1", "thumbs": True}, {"question": "Q2", "answer": "A2", "thumbs": False},
+        {"question": "Q3", "answer": "A3"}, {"question": "Q4", "answer": "A4", "thumbs": True},
+        {"conversations": [msg("user", "Q5"), msg("assistant", "A5")], "label": False, "images": ["x.png"]},
+    ])
+    columns = "kto.data.columns={prompt: question, completion: answer, label: thumbs}"
+    split = kto.load(load_config(SMOKE, [f"kto.data.train={path}", columns, "kto.data.format=prompt_completion",
+                                         "kto.data.eval_split=0", "kto.data.bad_rows=drop"]))
+    assert sorted((r.prompt[0]["content"], r.completion, r.label) for r in split.train) == [
+        ("Q1", "A1", True), ("Q2", "A2", False), ("Q4", "A4", True)]
+    assert split.dropped["data/dropped_bad_rows"] == 2
+    with pytest.raises(Exception, match=r"kto.data: 2 bad rows"):
+        kto.load(load_config(SMOKE, [f"kto.data.train={path}", columns, "kto.data.format=prompt_completion"]))
 
 
 def test_kto_holds_out_by_prompt_and_shuffles_its_training_rows(tmp_path):
