@@ -75,9 +75,6 @@ def check(config: RunConfig) -> str:
     if data.format not in FEEDBACK_FORMATS:
         raise ConfigError(f"kto.data.format '{data.format}' is not one of {', '.join(FEEDBACK_FORMATS)} (feedback "
                           "formats)")
-    if data.columns or data.delimiters:
-        raise ConfigError("kto.data.columns and kto.data.delimiters do not apply: kto reads its fields by the names "
-                          "reward.importers.load_feedback lists (label or kto_tag for the thumbs up or down)")
     summary = preference_opt.check(config, NAME, load, unit="rows")
     args = hf_trainer.check_trainer_keys(config, NAME)
     if args.loss_type != "apo_zero_unpaired":  # the losses with a KL term, estimated within each batch

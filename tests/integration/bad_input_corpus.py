@@ -277,7 +277,7 @@ CASES = [
 
     # ---- the other commands and their arguments
     Case("unknown_command", ["train"], ("invalid choice: 'train'",)),
-    Case("unknown_stage", ["run", "--stage", "grpo"], ("argument --stage: invalid choice: 'grpo'",)),
+    Case("unknown_stage", ["run", "--stage", "reinforce"], ("argument --stage: invalid choice: 'reinforce'",)),
     Case("missing_required_argument", ["status"], ("the following arguments are required: --run-dir",)),
     Case("label_port_not_a_number", ["label", "--run-dir", "{run}", "--port", "http"],
          ("argument --port: invalid int value: 'http'",)),

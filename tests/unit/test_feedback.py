@@ -90,7 +90,7 @@ def test_kto_refuses_a_file_with_one_label_and_options_it_cannot_honour(tmp_path
         ("kto.trainer.desirable_wieght=2", r"kto.trainer.desirable_wieght is not an option of KTOConfig.*"
                                            r"'desirable_weight'"),
         ("kto.data.format=prompt", "kto.data.format 'prompt' is not one of auto, messages"),
-        ("kto.data.columns={label: thumbs}", "kto.data.columns and kto.data.delimiters do not apply"),
+        ("kto.data.columns={label: thumbs}", "kto.data.columns: kto reads its files by their own field names"),
     ]:
         with pytest.raises(ConfigError, match=message):
             kto.check(load_config(SMOKE, [override]))
