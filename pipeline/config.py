@@ -829,7 +829,8 @@ def _check_iterative_dpo(config: RunConfig) -> None:
         raise ConfigError(f"{where}.eval_split must be in [0, 1), got {section.eval_split}")
     if section.win_rate_prompts < 0:
         raise ConfigError(f"{where}.win_rate_prompts must be >= 0, got {section.win_rate_prompts}")
-    if section.win_rate_prompts and not config.evaluation.prompts:
+    # Only for a section that runs: a run that leaves iterative_dpo off may leave evaluation.prompts unset.
+    if section.enabled and section.win_rate_prompts and not config.evaluation.prompts:
         raise ConfigError(f"{where}.win_rate_prompts compares each round's policy with the start on "
                           "evaluation.prompts, which is not set")
     sampling = section.sampling

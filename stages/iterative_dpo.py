@@ -88,6 +88,9 @@ def check(config: RunConfig) -> str:
     if section.prompts_per_round and section.prompts_per_round > len(prompts):
         raise ConfigError(f"{NAME}.prompts_per_round is {section.prompts_per_round}, but {section.prompts} holds "
                           f"{len(prompts)} prompts")
+    if section.win_rate_prompts and not config.evaluation.prompts:
+        raise ConfigError(f"{NAME}.win_rate_prompts compares each round's policy with the start on "
+                          "evaluation.prompts, which is not set (set it, or iterative_dpo.win_rate_prompts=0)")
     if section.win_rate_prompts and section.win_rate_prompts > len(load_prompts(config.evaluation.prompts)):
         raise ConfigError(f"{NAME}.win_rate_prompts is {section.win_rate_prompts}, but evaluation.prompts holds "
                           "fewer prompts")
