@@ -113,10 +113,11 @@ class DataConfig:
     """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
     format: str = "auto"
     """auto (detected from the first record) or: cpt text (a .txt's documents separated by blank lines) or lines
-    (one document per line); sft delimited, alpaca, sharegpt, messages; rm and dpo prompt, hh, sharegpt; ppo auto."""
+    (one document per line); sft delimited, alpaca, sharegpt, messages; rm, dpo, orpo and simpo prompt, hh, sharegpt;
+    kto messages, sharegpt, alpaca, prompt_completion; ppo, grpo and rloo auto."""
     columns: dict = field(default_factory=dict)
     """Maps our field names to the file's, e.g. {instruction: question, output: answer} (sft), {chosen: preferred}
-    (rm, dpo), {prompt: question} (ppo), {text: body} (cpt)."""
+    (rm, dpo, orpo, simpo), {label: thumbs} (kto), {prompt: question} (ppo, grpo, rloo), {text: body} (cpt)."""
     delimiters: dict = field(default_factory=dict)
     """sft's delimited format: start, sep, eos strings (defaults <start>, <sep>, <eos>)."""
     bad_rows: str = "error"
