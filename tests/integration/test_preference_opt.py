@@ -1,8 +1,9 @@
-"""kto, orpo and simpo through the CLI on the tiny model, in as few pipeline runs as their claims need:
+"""dpo, kto, orpo and simpo (the stages preference_opt.py shares) through the CLI on the tiny model, in as few
+pipeline runs as their claims need:
 
-- one run, sft then all three with LoRA and the evaluation: each starts from sft's result, trains its adapter, is
+- one run, sft then all four with LoRA and the evaluation: each starts from sft's result, trains its adapter, is
   compared with sft on held-out prompts, and is in the report with its headline;
-- the same three killed with SIGKILL after their first checkpoint, one after another in one chain of runs: each
+- the same four killed with SIGKILL after their first checkpoint, one after another in one chain of runs: each
   resumes from it and ends equal to the uninterrupted run above;
 - full fine-tuning from sft's adapter (init_from): every layer trains, and kto's reference is the starting policy
   (its held-out reward margin before training is exactly 0)."""
@@ -19,7 +20,7 @@ from conftest import (
 )
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
-NEW = ("kto", "orpo", "simpo")
+NEW = ("dpo", "kto", "orpo", "simpo")
 # Four steps with a checkpoint every two, so a kill after the first checkpoint lands mid-stage.
 STEPS = [f"--set={name}.trainer.{key}={value}" for name in NEW for key, value in (("max_steps", 4), ("save_steps", 2))]
 
@@ -59,6 +60,7 @@ def test_each_stage_trains_from_sft_is_compared_with_it_and_reported(lora_run):
         losses = [row["loss"] for row in map(json.loads, (lora_run / name / "metrics.jsonl").read_text().splitlines())
                   if "loss" in row]
         assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+        assert isinstance(metrics["eval/overfitting"], bool)
         [stage_row, win_row] = [line for line in markdown.splitlines() if line.startswith(f"| {name} |")][-2:]
         assert f"| {metrics['eval/win_rate']:.1%} |" in win_row
         if name == "kto":  # unpaired rows: a margin between desirable and undesirable, no pairwise accuracy
@@ -68,11 +70,14 @@ def test_each_stage_trains_from_sft_is_compared_with_it_and_reported(lora_run):
         else:
             assert metrics["data/train_pairs"] + metrics["data/eval_pairs"] == 180
             assert 0 <= metrics[f"{name}/eval_accuracy"] <= 1
+            if name == "dpo":  # measured before training too
+                assert 0 <= metrics["dpo/eval_accuracy_before"] <= 1
             assert f"→ {metrics[f'{name}/eval_accuracy']:.3f}" in stage_row
 
 
 def test_each_stage_killed_resumes_and_matches_the_uninterrupted_run(lora_run, tmp_path):
-    """One chain: a run killed in kto; the next resumes kto and is killed in orpo; then in simpo; the last finishes."""
+    """One chain: a run killed in dpo; the next resumes dpo and is killed in kto; then in orpo, in simpo; the last
+    finishes."""
     killed = tmp_path / "killed"
     args = _args(killed, "--set", "evaluation.prompts=")  # the evaluation changes no weights; the chain skips it
     newest = {name: kill_after_first_checkpoint(name, killed, args) for name in NEW}
