@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    REPO, assert_adapter_changes_output, kill_after_first_checkpoint, load_safetensors_dir, max_abs_diff, run_pipeline,
+    REPO, assert_adapter_changes_output, kill_when, load_safetensors_dir, max_abs_diff, run_pipeline,
 )
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -161,14 +161,42 @@ def _assert_labels_as_in_one_process(run_dir, model: str) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_killed_two_process_run_resumes_and_refuses_another_process_count(tmp_path):
+def test_signalled_then_killed_two_process_run_resumes_and_refuses_another_process_count(tmp_path):
+    """A preemption under `accelerate launch`: SIGTERM to the pipeline reaches both processes, which finish the same
+    step, checkpoint it together and exit 143 with the stage interrupted; the re-run resumes from that checkpoint and is
+    then SIGKILLed with the whole process group (no warning this time); a re-run with one process is refused; the last
+    one resumes and ends equal to an uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
     def args(run_dir, processes=2):
         return [*_args(run_dir, "zero2", "sft", processes=processes), "--set", "sft.trainer.max_steps=6",
                 "--set", "sft.trainer.save_steps=2"]
 
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    checkpoints = run_dir / "sft" / "checkpoints"
+
+    def complete() -> list[int]:
+        return sorted(int(marker.parent.name.split("-")[1]) for marker in checkpoints.glob("checkpoint-*/COMPLETE"))
+
     run_pipeline(*args(reference))
-    newest = kill_after_first_checkpoint("sft", run_dir, args(run_dir))
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", *args(run_dir)], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not complete() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGTERM)  # the pipeline alone, as a scheduler's notice reaches the job's main process
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert _manifest(run_dir, "sft")["status"] == "interrupted"
+    signalled = complete()[-1]
+    assert 2 <= signalled < 6
+    # Every checkpoint on disk is whole: none was left half-written by either process.
+    assert sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*")) == complete()
+
+    newest = kill_when(args(run_dir), lambda: complete()[-1] > signalled and f"checkpoint-{complete()[-1]}",
+                       "after a checkpoint past the signalled one")
 
     refused = run_pipeline(*args(run_dir, processes=1), check=False)
     assert refused.returncode == 2

@@ -310,7 +310,7 @@ def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread
     module = build(config, resolve_model_path(config.model.name_or_path), tokenizer)
     optimizer = torch.optim.AdamW(module.trainable_parameters, lr=3e-3)
     prepared, optimizer = Accelerator().prepare(module, optimizer)
-    batch = rollout(module, tokenizer, load(config)[0][:8], cfg, seed=0)
+    batch = rollout(module, tokenizer, load(config).train[:8], cfg, seed=0)
     advantages = torch.ones_like(batch.mask)
     advantages[4:] = -1
     optimise(Accelerator(), prepared, optimizer, batch, advantages * batch.mask, batch.values, cfg,
@@ -371,7 +371,7 @@ def test_full_fine_tuning_checkpoints_what_trains_and_resumes_exactly(tmp_path, 
     accelerator = Accelerator()
     prepared, optimizer = accelerator.prepare(module, torch.optim.AdamW(module.trainable_parameters, lr=1e-3))
     register_checkpoint_hooks(accelerator, module)
-    prompts = load(config)[0][:8]
+    prompts = load(config).train[:8]
 
     def step(seed: int) -> dict:
         batch = rollout(module, tokenizer, prompts, cfg, seed)
