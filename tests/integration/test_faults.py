@@ -213,3 +213,21 @@ def test_a_full_disk_fails_clearly_and_the_rerun_resumes(reference, tmp_path):
     resumed = out / "resumed" / "sft"
     assert json.loads((resumed / "stage.json").read_text())["status"] == "completed"
     assert max_abs_diff(reference / "final", resumed / "final") <= 1e-6
+
+
+def test_a_report_that_does_not_fit_on_the_disk_fails_nothing(tmp_path, capsys, monkeypatch, in_repo):
+    """Every stage's result is saved before the report is written: ENOSPC there is a warning, and the run succeeds."""
+    import errno
+
+    from pipeline import report
+
+    def full(run_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write", full)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--config", SMOKE, "--stage", "preferences", "--run-dir", str(run_dir)]) == 0
+    said = output(capsys)
+    assert "the report could not be written (No space left on device)" in said
+    assert "writes it once there is room" in said
+    assert json.loads((run_dir / "preferences" / "stage.json").read_text())["status"] == "completed"
