@@ -786,18 +786,22 @@ def _check_judge_values(judge: JudgeConfig, where: str) -> None:
                           f"{suggest(judge.disagreement, DISAGREEMENT_RULES)}")
 
 
+def _check_sampling(sampling, where: str) -> None:
+    """A section's `sampling:` (preferences, iterative_dpo) can make pairs; `where` is "<file>: <section>"."""
+    if sampling.num_responses < 2:
+        raise ConfigError(f"{where}.sampling.num_responses must be at least 2 to make a pair")
+    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
+            or sampling.batch_size < 1:
+        raise ConfigError(f"{where}.sampling needs temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
+                          "batch_size >= 1")
+
+
 def _check_preferences(config: RunConfig) -> None:
     prefs, source = config.preferences, config.source
     if prefs.enabled and not (prefs.prompts or prefs.pairs):
         raise ConfigError(f"{source}: the preferences stage needs preferences.prompts (to sample responses) "
                           "or preferences.pairs (ready-made pairs), or both")
-    sampling = prefs.sampling
-    if sampling.num_responses < 2:
-        raise ConfigError(f"{source}: preferences.sampling.num_responses must be at least 2 to make a pair")
-    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
-            or sampling.batch_size < 1:
-        raise ConfigError(f"{source}: preferences.sampling needs temperature > 0, 0 < top_p <= 1, "
-                          "max_new_tokens >= 1 and batch_size >= 1")
+    _check_sampling(prefs.sampling, f"{source}: preferences")
     judge = prefs.judge
     if judge.type not in JUDGE_TYPES:
         raise ConfigError(f"{source}: preferences.judge.type '{judge.type}' is not one of "
@@ -834,13 +838,7 @@ def _check_iterative_dpo(config: RunConfig) -> None:
     if section.enabled and section.win_rate_prompts and not config.evaluation.prompts:
         raise ConfigError(f"{where}.win_rate_prompts compares each round's policy with the start on "
                           "evaluation.prompts, which is not set")
-    sampling = section.sampling
-    if sampling.num_responses < 2:
-        raise ConfigError(f"{where}.sampling.num_responses must be at least 2 to make a pair")
-    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1 or sampling.max_new_tokens < 1 \
-            or sampling.batch_size < 1:
-        raise ConfigError(f"{where}.sampling needs temperature > 0, 0 < top_p <= 1, max_new_tokens >= 1 and "
-                          "batch_size >= 1")
+    _check_sampling(section.sampling, where)
     judge = section.judge
     if judge.type in ("human", "human_file"):
         raise ConfigError(

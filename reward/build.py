@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.artifacts import hash_config, hash_path
-from pipeline.config import JUDGE_KEYS, JudgeConfig, RunConfig
+from pipeline.config import JUDGE_KEYS, JudgeConfig, RunConfig, unused_judge_keys
 from pipeline.context import ModelSource
 from pipeline.errors import ConfigError
-from pipeline.log import log, progress
+from pipeline.log import log, progress, warn
 from pipeline.signals import Interrupted, requested
 from pipeline.signals import name as signal_name
 from reward.pairs import Label, LabelStore, Pair
@@ -104,6 +104,22 @@ def build_judge(judge: JudgeConfig, config: RunConfig, run_dir: Path, on_label: 
                                           tie_margin=judge.tie_margin, name=f"reward_model:{judge.model}",
                                           on_label=on_label)
     raise ConfigError(f"judge type {judge.type} has no builder")
+
+
+def check_judge(judge: JudgeConfig, config: RunConfig, where: str) -> None:
+    """Before any compute: warn of keys the judge type does not read, and fail now on what would fail at labelling
+    (a label file that does not read, a rule that does not import, an API key variable that is unset)."""
+    from reward.judges import HumanFileJudge, load_callable
+
+    unused = unused_judge_keys(judge)
+    if unused:
+        warn(f"{where}: {', '.join(unused)} set but not used by judge type {judge.type}")
+    if judge.type == "human_file":
+        HumanFileJudge(judge.path)
+    elif judge.type == "rule":
+        load_callable(judge.function)
+    elif judge.type == "api":
+        build_judge(judge, config, Path("."))  # fails now if the key's variable is unset
 
 
 def label_pairs(judge: JudgeConfig, config: RunConfig, run_dir: Path, pairs: list[Pair], store: LabelStore,

@@ -48,7 +48,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.artifacts import ROUND_DONE, read_json, round_finished, write_json_atomic
-from pipeline.config import RunConfig, unused_judge_keys
+from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, warn
@@ -72,8 +72,8 @@ def data_files(config: RunConfig) -> dict:
 
 def check(config: RunConfig) -> str:
     """The prompts parse, the judge can be built, the trainer keys make a DPOConfig; nothing is loaded."""
+    from reward.build import check_judge
     from reward.importers import load_prompts
-    from reward.judges import load_callable
 
     section = config.iterative_dpo
     if config.distributed.enabled:
@@ -95,15 +95,7 @@ def check(config: RunConfig) -> str:
         raise ConfigError(f"{NAME}.win_rate_prompts is {section.win_rate_prompts}, but evaluation.prompts holds "
                           "fewer prompts")
     judge = section.judge
-    unused = unused_judge_keys(judge)
-    if unused:
-        warn(f"{NAME}.judge: {', '.join(unused)} set but not used by judge type {judge.type}")
-    if judge.type == "rule":
-        load_callable(judge.function)
-    elif judge.type == "api":
-        from reward.build import build_judge
-
-        build_judge(judge, config, Path("."))  # fails now if the key's variable is unset
+    check_judge(judge, config, f"{NAME}.judge")
     hf_trainer.check_trainer_keys(config, NAME)
     per_round = section.prompts_per_round or len(prompts)
     return (f"{section.rounds} rounds of {per_round} prompts x {section.sampling.num_responses} samples, judge "

@@ -16,10 +16,9 @@ final/{preferences,agreement,annotators}.jsonl|json.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from pipeline.artifacts import write_json_atomic
-from pipeline.config import RunConfig, unused_judge_keys
+from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageResult
 from pipeline.distributed import is_main_process
 from pipeline.errors import PipelineError
@@ -49,24 +48,15 @@ def data_files(config: RunConfig) -> dict:
 
 def check(config: RunConfig) -> str:
     """Parse every input file and set the judge up as far as it can be without loading a model."""
+    from reward.build import check_judge
     from reward.importers import load_pairs, load_prompts
-    from reward.judges import HumanFileJudge, load_callable
+    from reward.judges import HumanFileJudge
 
     prefs = config.preferences
     prompts = load_prompts(prefs.prompts)[: prefs.max_prompts] if prefs.prompts else []
     pairs = load_pairs(prefs.pairs) if prefs.pairs else []
     judge = prefs.judge
-    unused = unused_judge_keys(judge)
-    if unused:
-        warn(f"preferences.judge: {', '.join(unused)} set but not used by judge type {judge.type}")
-    if judge.type == "human_file":
-        HumanFileJudge(judge.path)
-    elif judge.type == "rule":
-        load_callable(judge.function)
-    elif judge.type == "api":
-        from reward.build import build_judge
-
-        build_judge(judge, config, Path("."))  # fails now if the key's variable is unset
+    check_judge(judge, config, "preferences.judge")
     if prefs.compare_with:
         HumanFileJudge(prefs.compare_with)
     return (f"{len(prompts)} prompts x {prefs.sampling.num_responses} samples, {len(pairs)} ready-made pairs, "

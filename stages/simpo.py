@@ -46,7 +46,6 @@ def check(config: RunConfig) -> str:
     return preference_opt.check(config, NAME, load, DEFAULTS)
 
 
-
 def summarise(config: RunConfig, tokenizer) -> tuple[str, dict | None]:
     """validate's account of the data: the pairs and what the run's length filter leaves out, and a sample."""
     return preference_opt.summarise(config, NAME, tokenizer)
