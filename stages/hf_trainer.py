@@ -124,11 +124,24 @@ def evaluated_at_start(trainer, names: dict) -> dict:
     """{our name: value} for the trainer's metrics `names` maps to, from the baseline evaluation (eval_on_start, at
     step 0). Checkpoints keep the log, so a resumed stage still finds them; one resumed from a checkpoint written
     without them keeps what the manifest already holds."""
-    start = {}
-    for entry in trainer.state.log_history:  # one entry per held-out set
-        if entry.get("step") == 0 and any(key.startswith("eval_") for key in entry):
-            start.update(entry)
+    start = _evaluated_at(trainer, 0)
     return {ours: start[theirs] for ours, theirs in names.items() if theirs in start}
+
+
+def final_evaluation(trainer) -> dict:
+    """The trained model's held-out metrics, as trainer.evaluate() returns them. When eval_steps put an evaluation
+    at the last step, that one is taken: the same weights on the same data, which a second pass would only repeat
+    (on a large held-out set, minutes)."""
+    return _evaluated_at(trainer, trainer.state.global_step) or trainer.evaluate()
+
+
+def _evaluated_at(trainer, step: int) -> dict:
+    """The trainer's logged evaluation at `step`, its entries (one per held-out set) merged; {} when there is none."""
+    found = {}
+    for entry in trainer.state.log_history:
+        if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
+            found.update(entry)
+    return found
 
 
 def max_length(stage: str, trainer: dict) -> int:

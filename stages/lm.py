@@ -46,7 +46,7 @@ def held_out_metrics(trainer) -> dict:
     trainer names their metrics eval_<set>_loss."""
     from stages.metrics import loss_curves, overfitting, perplexity
 
-    after = trainer.evaluate()
+    after = hf_trainer.final_evaluation(trainer)
     if isinstance(trainer.eval_dataset, dict):
         names = {"eval/loss": "eval_domain_loss", "eval/general_loss": "eval_general_loss"}
     else:

@@ -85,7 +85,7 @@ def held_out_metrics(name: str, trainer) -> dict:
     kto's rows are unpaired: it has a margin (desirable minus undesirable reward) and no accuracy."""
     from stages.metrics import loss_curves, overfitting
 
-    after = trainer.evaluate()
+    after = hf_trainer.final_evaluation(trainer)
     found = {key: theirs for key, theirs in (("accuracy", "eval_rewards/accuracies"), ("margin", "eval_rewards/margins"))
              if theirs in after}
     metrics = hf_trainer.evaluated_at_start(trainer, {f"{name}/eval_{key}_before": theirs

@@ -185,7 +185,7 @@ def _results(stage: str, held_out: bool):
             metrics[f"{stage}/kl"] = kl[-1]
         if held_out:
             metrics.update(hf_trainer.evaluated_at_start(trainer, {"eval/score_mean_before": "eval_reward"}))
-            metrics["eval/score_mean"] = trainer.evaluate()["eval_reward"]
+            metrics["eval/score_mean"] = hf_trainer.final_evaluation(trainer)["eval_reward"]
             log(f"{stage}: held-out reward {metrics.get('eval/score_mean_before', float('nan')):.3f} -> "
                 f"{metrics['eval/score_mean']:.3f}")
         return metrics

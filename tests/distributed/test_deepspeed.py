@@ -1,6 +1,6 @@
 """Two CPU processes under DeepSpeed (gloo), launched by the pipeline through `accelerate launch`, exactly as README's
-multi-GPU command does: sft, rm, dpo and ppo train under ZeRO-2 and ZeRO-3, kto, orpo, simpo, grpo and rloo under one
-of the two each (the suite has a 20-minute budget, and most of a stage's time here is starting two processes;
+multi-GPU command does: sft, rm and ppo train under ZeRO-2 and ZeRO-3, dpo, kto, orpo, simpo, grpo and rloo under
+one of the two each (the suite has a 20-minute budget, and most of a stage's time here is starting two processes;
 ZERO_MATRIX=full runs every stage under both), their adapters hold real trained weights, and a killed two-process
 run resumes."""
 
@@ -53,9 +53,10 @@ PREFERENCE_OPTIMISERS = ("dpo", "kto", "orpo", "simpo")
 ONLINE = ("ppo", "grpo", "rloo")
 SHORT = [f"--set={stage}.trainer.max_steps=2" for stage in ("sft", "rm", *PREFERENCE_OPTIMISERS, *ONLINE)]
 # The stages each ZeRO run trains after sft, preferences and rm. ZeRO-3 takes the ones that generate while training
-# (grpo, rloo: every forward gathers the sharded weights) and simpo; ZeRO-2 kto and orpo. ZERO_MATRIX=full trains
-# every one under both (about 4 minutes more on two cores).
-TRAINED = {"zero2": ("dpo", "kto", "orpo", "ppo"), "zero3": ("dpo", "simpo", "ppo", "grpo", "rloo")}
+# (grpo, rloo: every forward gathers the sharded weights), dpo (its reference model is sharded too) and simpo;
+# ZeRO-2 kto and orpo; ppo, our own loop, runs under both. ZERO_MATRIX=full trains every one under both (about
+# 4 minutes more on two cores).
+TRAINED = {"zero2": ("kto", "orpo", "ppo"), "zero3": ("dpo", "simpo", "ppo", "grpo", "rloo")}
 if os.environ.get("ZERO_MATRIX") == "full":
     TRAINED = dict.fromkeys(TRAINED, (*PREFERENCE_OPTIMISERS, *ONLINE))
 

@@ -17,6 +17,8 @@ KAPPA_FLOOR = 0.7
 @pytest.mark.timeout(2700)  # six stages of a 135M model on two CPU cores: ~10 minutes, 30 when the cores are shared
 def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
     run_dir = tmp_path / "demo"
+    probe = tmp_path / "cue_probe.jsonl"  # the rm's cue probe on 8 of its 48 pairs
+    probe.write_text("\n".join((REPO / "data/preferences/cue_probe_pairs.jsonl").read_text().splitlines()[:8]) + "\n")
     # Few steps, small batches and held-out sets, short generations: this checks that every stage works on real
     # weights; the demo's numbers come from README's full run.
     run_pipeline("run", "--run-dir", str(run_dir), "--set", "cpt.trainer.max_steps=2",
@@ -24,7 +26,7 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
                  "--set", "sft.trainer.max_steps=6", "--set", "sft.trainer.per_device_train_batch_size=4",
                  "--set", "sft.data.eval_split=0.03",
                  "--set", "rm.trainer.max_steps=2", "--set", "rm.data.eval_split=0.05",
-                 "--set", "rm.trainer.per_device_train_batch_size=2",
+                 "--set", "rm.trainer.per_device_train_batch_size=2", "--set", f"rm.data.probes={{cue: {probe}}}",
                  "--set", "dpo.trainer.max_steps=2", "--set", "dpo.data.eval_split=0.02",
                  "--set", "dpo.trainer.per_device_train_batch_size=2",
                  "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.max_new_tokens=16",
