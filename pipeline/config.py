@@ -343,6 +343,12 @@ class PPOTrainerConfig:
     """Responses per optimiser step within an epoch."""
     num_ppo_epochs: int = 4
     """Passes over each rollout batch."""
+    critic_warmup_steps: int = 0
+    """The first N iterations train the critic alone (value head included), the actor unchanged. A critic that
+    starts untrained (a value head at zero) makes GAE's first advantages mostly a token's distance from the end of its
+    response, since with lam < 1 the score reaches the later tokens more, not how good the response was: the actor
+    then learns to end early. OpenRLHF's freezing_actor_steps; not needed with a critic started from the reward
+    model (critic: rm), whose values already predict the score."""
     learning_rate: float = 1e-5
     """AdamW learning rate for everything that trains: actor, critic (adapters or whole models), value head."""
     max_new_tokens: int = 64
@@ -893,10 +899,13 @@ def _check_ppo(config: RunConfig) -> None:
         (t.mini_batch_size >= 1 and t.rollout_batch_size % t.mini_batch_size == 0,
          f"mini_batch_size to divide rollout_batch_size ({t.mini_batch_size} into {t.rollout_batch_size})"),
         (t.num_ppo_epochs >= 1, "num_ppo_epochs >= 1"), (t.learning_rate > 0, "learning_rate > 0"),
+        (0 <= t.critic_warmup_steps < t.max_steps,
+         f"0 <= critic_warmup_steps < max_steps ({t.critic_warmup_steps} of {t.max_steps}: the actor must train)"),
         (t.max_new_tokens >= 1, "max_new_tokens >= 1"), (t.temperature > 0, "temperature > 0"),
         (0 < t.top_p <= 1, "0 < top_p <= 1"), (0 <= t.gamma <= 1 and 0 <= t.lam <= 1, "gamma and lam in [0, 1]"),
         (t.cliprange > 0 and t.cliprange_value > 0, "cliprange and cliprange_value > 0"),
         (t.vf_coef >= 0 and t.kl_coef >= 0, "vf_coef and kl_coef >= 0"),
+        (t.vf_coef > 0 or not t.critic_warmup_steps, "vf_coef > 0 for a critic warm-up (critic_warmup_steps)"),
         (t.kl_target is None or t.kl_target > 0, "kl_target > 0 (or unset for a fixed coefficient)"),
         (t.kl_horizon >= 1 and t.max_grad_norm > 0, "kl_horizon >= 1 and max_grad_norm > 0"),
         (min(t.save_steps, t.sample_every, t.logging_steps) >= 1, "save_steps, sample_every, logging_steps >= 1"),

@@ -93,7 +93,10 @@ def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns
              step: int = 0) -> dict:
     """num_ppo_epochs passes over the rollout in shuffled mini-batches; returns the mean of each statistic. A
     non-finite loss or gradient norm stops the stage before the optimiser applies it (NonFiniteError, naming
-    iteration `step`)."""
+    iteration `step`). During the critic's warm-up (iterations up to critic_warmup_steps) the loss is the value
+    loss alone: the actor's weights get no gradient, so the optimiser leaves them, and its moments for them, as
+    they were."""
+    train_actor = step > cfg.critic_warmup_steps
     stats = defaultdict(list)
     length = batch.responses.shape[1]
     for _ in range(cfg.num_ppo_epochs):
@@ -107,7 +110,7 @@ def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns
             policy = losses.policy_loss(logprobs, batch.logprobs[rows], advantages[rows], mask, cfg.cliprange)
             value_loss, value_clip = losses.value_loss(values, batch.values[rows], returns[rows], mask,
                                                        cfg.cliprange_value)
-            loss = policy.loss + cfg.vf_coef * value_loss
+            loss = (policy.loss if train_actor else 0) + cfg.vf_coef * value_loss
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
             # After backward, so every process takes part in the gradients' all-reduce and then stops alike.
@@ -233,8 +236,10 @@ def _report(ctx: StageContext, step: int, metrics: dict, batch: Rollout, raw_sco
     if step % cfg.logging_steps == 0 or step == cfg.max_steps:
         _append(ctx.stage_dir / "metrics.jsonl", {"step": step, **metrics})
         ctx.tracker.log(metrics, step)
+        warmup = " (critic warm-up: the actor does not train)" if step <= cfg.critic_warmup_steps else ""
         log(f"{ctx.name} step {step}/{cfg.max_steps}: reward {metrics['ppo/reward_mean']:.3f} "
-            f"kl {metrics['ppo/kl']:.3f} response length {metrics['ppo/response_length']:.1f}", markup=False)
+            f"kl {metrics['ppo/kl']:.3f} response length {metrics['ppo/response_length']:.1f}, value loss "
+            f"{metrics['ppo/value_loss']:.3f}{warmup}", markup=False)
     if step % cfg.sample_every == 0 or step == cfg.max_steps:
         rows = [{"prompt": prompt, "response": text, "score": float(s), "reward": float(r)}
                 for prompt, text, s, r in zip(batch.prompts, batch.texts, raw_scores, rewards)][:SAMPLES_PER_TABLE]

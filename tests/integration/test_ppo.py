@@ -321,6 +321,46 @@ def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread
     assert (change[:4] > 0).all() and (change[4:] < 0).all(), change
 
 
+def test_during_the_critic_warm_up_only_the_critic_trains(one_thread):
+    """critic_warmup_steps: the iterations up to it move the critic adapter and the value head and leave every actor
+    weight as it was (no gradient, so no weight decay either); the next iteration trains the actor."""
+    from accelerate import Accelerator
+
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, resolve_model_path
+    from stages.ppo import load
+    from stages.ppo.losses import gae
+    from stages.ppo.model import build
+    from stages.ppo.rollout import rollout
+    from stages.ppo.trainer import optimise
+
+    config = load_config(SMOKE, ["ppo.init_from=base", "ppo.trainer.temperature=0.1", "ppo.trainer.max_new_tokens=8",
+                                 "ppo.trainer.critic_warmup_steps=1", "ppo.trainer.num_ppo_epochs=1"])
+    cfg = config.ppo.trainer
+    tokenizer = load_tokenizer(config.model)
+    module = build(config, resolve_model_path(config.model.name_or_path), tokenizer)
+    optimizer = torch.optim.AdamW(module.trainable_parameters, lr=3e-3)
+    prepared, optimizer = Accelerator().prepare(module, optimizer)
+    batch = rollout(module, tokenizer, load(config).train[:8], cfg, seed=0)
+    rewards = torch.zeros_like(batch.values)
+    rewards[:, 0] = torch.arange(8.0)  # scores that a value head at zero does not predict
+    advantages, returns = gae(rewards * batch.mask, batch.values, batch.mask, cfg.gamma, cfg.lam)
+
+    def snapshot(part: str) -> dict:
+        return {name: p.detach().clone() for name, p in module.named_parameters()
+                if p.requires_grad and (f".{part}." in name or (part == "critic" and name.startswith("value_head")))}
+
+    actor, critic = snapshot("actor"), snapshot("critic")
+    assert actor and critic
+    for step, actor_trains in ((1, False), (2, True)):
+        optimise(Accelerator(), prepared, optimizer, batch, advantages, returns, cfg, torch.Generator().manual_seed(0),
+                 step)
+        now = snapshot("actor")
+        assert all(torch.equal(now[name], actor[name]) for name in actor) != actor_trains, f"iteration {step}"
+        assert any(not torch.equal(p, critic[name]) for name, p in snapshot("critic").items()), f"iteration {step}"
+        critic = snapshot("critic")
+
+
 def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tmp_path, tiny_model_dir, one_thread):
     """peft.method full: every weight of the actor and of its critic (by default a copy of the starting policy)
     trains, the reference stays the starting policy, and final/ is a whole model for plain transformers."""
@@ -431,6 +471,7 @@ def test_a_critic_ppo_cannot_use_is_refused_before_any_compute(tmp_path, tiny_mo
 @pytest.mark.parametrize("settings, message", [
     (["peft.method=prefix", "peft.options={}"], "peft.method=prefix is not supported by ppo"),
     (["ppo.trainer.mini_batch_size=3"], "mini_batch_size to divide rollout_batch_size"),
+    (["ppo.trainer.critic_warmup_steps=2", "ppo.trainer.max_steps=2"], "critic_warmup_steps < max_steps (2 of 2"),
     (["ppo.reward.function="], "ppo.reward.function ('module:function') is required"),
 ])
 def test_what_ppo_cannot_do_is_refused_before_any_compute(tmp_path, settings, message):
