@@ -110,7 +110,8 @@ class DataConfig:
     eval: str | list | dict | None = None
     """Held-out data, as `train`; when absent, `eval_split` of the training records are held out instead."""
     eval_split: float = 0.1
-    """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
+    """Fraction of training records held out for evaluation when no `eval` file (nor cpt's `eval_documents`) is given
+    (0 disables eval)."""
     format: str = "auto"
     """auto (detected from the first record) or: cpt text (a .txt's documents separated by blank lines) or lines
     (one document per line); sft delimited, alpaca, sharegpt, messages; rm, dpo, orpo and simpo prompt, hh, sharegpt;

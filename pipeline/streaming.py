@@ -80,12 +80,25 @@ def documents(found: list[Source], data, dropped: Dropped) -> Iterator[Document]
 
 
 def train_blocks(tokenizer, read: Callable[[], Iterator[Document]], block_size: int):
-    """The training rows as an IterableDataset: every pass over it (each epoch, and a resume, which skips the batches
-    trained on by reading them) starts `read()` afresh and packs as it goes."""
+    """The training rows as an IterableDataset, packed as they are asked for from the corpus read again and again
+    (`endless`). Iterating it starts `read()` afresh: a resume skips the batches it trained on by reading them."""
     from datasets import Features, IterableDataset, List, Value
 
     def rows():
-        yield from block_rows(pack_documents(tokenizer, read(), block_size))
+        yield from block_rows(pack_documents(tokenizer, endless(read), block_size))
 
     ids = List(Value("int64"))
     return IterableDataset.from_generator(rows, features=Features({"input_ids": ids, "labels": ids}))
+
+
+def endless(read: Callable[[], Iterator[Document]]) -> Iterator[Document]:
+    """The corpus, read again from its start each time it runs out, as one endless pass: the trainer's epochs of an
+    IterableDataset would start each pass on a fresh block, and a resume past the first would skip the batches it
+    trained on in the first pass only, then train the second from its start again."""
+    while True:
+        empty = True
+        for document in read():
+            empty = False
+            yield document
+        if empty:
+            return

@@ -71,21 +71,25 @@ def streamed(config: RunConfig) -> tuple[Callable[[], Iterator], list, streaming
     """A streamed corpus: a function that starts its training documents afresh (the documents after those held out),
     the held-out documents (data.eval, read whole, or the first eval_documents), and the counter of bad rows left out."""
     data = config.cpt.data
-    with lm.config_key(f"{NAME}.data"):
-        sources = streaming.sources(data.train, f"{NAME}.data.train")
-        dropped = streaming.Dropped(data.bad_rows, f"{NAME}.data")
-        held_out = []
-        if data.eval:
-            bad = BadRows()
+    sources = streaming.sources(data.train, f"{NAME}.data.train")
+    dropped = streaming.Dropped(data.bad_rows, f"{NAME}.data")
+
+    def read():
+        return streaming.documents(sources, data, dropped)
+    held_out = []
+    if data.eval:
+        bad = BadRows()
+        with lm.config_key(f"{NAME}.data"):
             held_out = read_all(data.eval, f"{NAME}.data.eval",
                                 lambda source: load_texts(source, data.columns, data.format, bad), config.seed)
-            dropped.count += bad.settle(data.bad_rows, f"{NAME}.data")
-        skip = 0 if data.eval else data.eval_documents or 0
-        if skip:
-            prefix = list(islice(streaming.documents(sources, data, dropped), skip + 1))
-            _check_leaves_training(len(prefix), skip)
-            held_out = prefix[:skip]
-        return (lambda: islice(streaming.documents(sources, data, dropped), skip, None)), held_out, dropped
+        dropped.count += bad.settle(data.bad_rows, f"{NAME}.data")
+    skip = 0 if data.eval else data.eval_documents or 0
+    if skip:
+        with lm.config_key(f"{NAME}.data"):
+            prefix = list(islice(read(), skip + 1))
+        _check_leaves_training(len(prefix), skip)
+        held_out = prefix[:skip]
+    return (lambda: islice(read(), skip, None)), held_out, dropped
 
 
 def _streamed_sample(config: RunConfig) -> tuple[list, list]:
