@@ -1,4 +1,5 @@
-"""Stage cpt: continued pretraining, plain language modelling on raw domain text (every token carries loss)."""
+"""Stage cpt: continued pretraining, plain language modelling on raw domain text (every token carries loss). The
+corpus is read into memory, or with data.streaming read while training (pipeline/streaming.py)."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def _run_streamed(ctx) -> StageResult:
     data_metrics = {"data/streamed": True, "data/eval_records": len(held_out), "data/eval_sequences": len(eval_rows)}
     general = lm.general_sequences(ctx, tokenizer, tokenize, general_text(ctx.config), limit, data_metrics)
     result = lm.train(ctx, tokenizer, train_dataset, {"domain": eval_rows, "general": general}, data_metrics)
-    # Those of the documents read in this process (a resume reads again what it skips).
+    # Each bad row this process met, once: a resumed process reads again what it skips, so counts those too.
     result.metrics["data/dropped_bad_rows"] = dropped.count
     return result
 
