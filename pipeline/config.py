@@ -126,7 +126,8 @@ class DataConfig:
     drop: bad records are left out, counted in stage.json (data/dropped_bad_rows) and listed in the log."""
     streaming: bool = False
     """cpt: read the corpus through `datasets` streaming while training instead of into memory first, for corpora
-    larger than memory; needs trainer.max_steps, and held-out data from `eval` or `eval_documents` (README: Streaming)."""
+    larger than memory; needs trainer.max_steps, and held-out data from `eval` or `eval_documents` (README:
+    Streaming a corpus larger than memory)."""
     eval_documents: int | None = None
     """cpt: hold out the first N documents of train (instead of eval_split's seeded fraction, which a streamed corpus
     cannot take without reading it all); 0 holds out none."""

@@ -70,7 +70,8 @@ SAMPLE_DOCUMENTS = 64
 
 def streamed(config: RunConfig) -> tuple[Callable[[], Iterator], list, streaming.Dropped]:
     """A streamed corpus: a function that starts its training documents afresh (the documents after those held out),
-    the held-out documents (data.eval, read whole, or the first eval_documents), and the counter of bad rows left out."""
+    the held-out documents (data.eval, read whole, or the first eval_documents), and the counter of bad rows left
+    out."""
     data = config.cpt.data
     sources = streaming.sources(data.train, f"{NAME}.data.train")
     dropped = streaming.Dropped(data.bad_rows, f"{NAME}.data")

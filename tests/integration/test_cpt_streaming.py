@@ -17,7 +17,8 @@ def _args(run_dir, corpus) -> list[str]:
     return ["run", "--config", SMOKE, "--stage", "cpt", "--run-dir", str(run_dir),
             "--set", f"cpt.data.train={corpus}", "--set", "cpt.data.streaming=true", "--set", "cpt.data.bad_rows=drop",
             "--set", "cpt.data.eval_documents=4", "--set", "cpt.data.general_eval=",
-            "--set", "cpt.trainer.max_steps=8", "--set", "cpt.trainer.save_steps=2", "--set", "cpt.trainer.eval_steps=4"]
+            "--set", "cpt.trainer.max_steps=8", "--set", "cpt.trainer.save_steps=2",
+            "--set", "cpt.trainer.eval_steps=4"]
 
 
 def test_streamed_cpt_validates_and_resumes_after_sigkill_equal_to_uninterrupted(tmp_path):
