@@ -110,7 +110,8 @@ class DataConfig:
     eval: str | list | dict | None = None
     """Held-out data, as `train`; when absent, `eval_split` of the training records are held out instead."""
     eval_split: float = 0.1
-    """Fraction of training records held out for evaluation when no `eval` file is given (0 disables eval)."""
+    """Fraction of training records held out for evaluation when no `eval` file (nor cpt's `eval_documents`) is given
+    (0 disables eval)."""
     format: str = "auto"
     """auto (detected from the first record) or: cpt text (a .txt's documents separated by blank lines) or lines
     (one document per line); sft delimited, alpaca, sharegpt, messages; rm, dpo, orpo and simpo prompt, hh, sharegpt;
@@ -123,6 +124,13 @@ class DataConfig:
     bad_rows: str = "error"
     """error: a bad record stops the run before any compute, listing every bad one (the first 20 and the count);
     drop: bad records are left out, counted in stage.json (data/dropped_bad_rows) and listed in the log."""
+    streaming: bool = False
+    """cpt: read the corpus through `datasets` streaming while training instead of into memory first, for corpora
+    larger than memory; needs trainer.max_steps, and held-out data from `eval` or `eval_documents` (README:
+    Streaming a corpus larger than memory)."""
+    eval_documents: int | None = None
+    """cpt: hold out the first N documents of train (instead of eval_split's seeded fraction, which a streamed corpus
+    cannot take without reading it all); 0 holds out none."""
     general_eval: str | None = None
     """cpt: general (not domain) text, .txt/.jsonl/.json like train, whose perplexity before and after training shows
     what the domain training cost elsewhere (forgetting); e.g. data/general/general.txt."""
@@ -710,10 +718,15 @@ def _check_values(config: RunConfig) -> None:
                                   "(letters, digits, _) mapped to a preference file path")
     for name in (name for name, spec in REGISTRY.items()
                  if "data" in {f.name for f in dataclasses.fields(spec.section)}):
-        policy = config.stage(name).data.bad_rows
+        data = config.stage(name).data
+        if name != "cpt" and (data.streaming or data.eval_documents is not None):
+            raise ConfigError(f"{config.source}: {name}.data.{'streaming' if data.streaming else 'eval_documents'}: "
+                              "only cpt streams its corpus and holds out a count of documents")
+        policy = data.bad_rows
         if policy not in BAD_ROW_POLICIES:
             raise ConfigError(f"{config.source}: {name}.data.bad_rows must be error or drop, got {policy!r}"
                               f"{suggest(policy, BAD_ROW_POLICIES)}")
+    _check_cpt_held_out(config)
     _check_preferences(config)
     _check_iterative_dpo(config)
     _check_evaluation(config)
@@ -721,6 +734,31 @@ def _check_values(config: RunConfig) -> None:
     for name in (name for name, spec in REGISTRY.items() if spec.section is OnlineRLConfig):
         _check_prompts_and_reward(config, name)
     _check_distributed(config)
+
+
+def _check_cpt_held_out(config: RunConfig) -> None:
+    """cpt's held-out documents are named one way, and a streamed corpus can train and hold out only what needs no
+    count of it: the trainer a number of steps, the held-out set a number of documents."""
+    data, trainer, source = config.cpt.data, config.cpt.trainer, config.source
+    if data.eval_documents is not None:
+        if isinstance(data.eval_documents, bool) or data.eval_documents < 0:
+            raise ConfigError(f"{source}: cpt.data.eval_documents must be a count of documents (0 or more), got "
+                              f"{data.eval_documents!r}")
+        if data.eval:
+            raise ConfigError(f"{source}: cpt.data.eval and cpt.data.eval_documents both name held-out documents; "
+                              "keep one")
+    if not data.streaming:
+        return
+    steps = trainer.get("max_steps", -1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ConfigError(f"{source}: cpt.data.streaming needs cpt.trainer.max_steps (a positive number of optimiser "
+                          "steps): a streamed corpus is never counted, so the trainer cannot tell how many steps an "
+                          "epoch is")
+    if not data.eval and data.eval_documents is None and data.eval_split > 0:
+        raise ConfigError(f"{source}: cpt.data.eval_split ({data.eval_split:g}) is a fraction of the corpus, which "
+                          "streaming never reads whole: set cpt.data.eval_documents to hold out the first N "
+                          "documents, give held-out data in cpt.data.eval, or set cpt.data.eval_split: 0 to train "
+                          "without held-out evaluation")
 
 
 def _check_data_format(config: RunConfig, name: str) -> None:

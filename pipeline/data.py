@@ -169,11 +169,31 @@ def refuse_undesirable(data: dict, error) -> None:
 
 # ---------------------------------------------------------------------------- pretraining text
 
-def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
-    for blank, group in groupby(lines(text), key=lambda numbered: not numbered[1].strip()):
+def text_documents(numbered: Iterator[tuple[int, str]], path, format: str) -> Iterator[Document]:
+    """The documents of a .txt file's (line number, line) pairs: blank-line-separated paragraphs (format text or
+    auto), or each non-blank line (lines). Lazy, so a streamed file is never held whole."""
+    found = numbered if format == "lines" else _paragraphs(numbered)
+    return (Document(body, f"{path}:{line}") for line, body in found if body.strip())
+
+
+def _paragraphs(numbered: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    for blank, group in groupby(numbered, key=lambda item: not item[1].strip()):
         if not blank:
             found = list(group)
             yield found[0][0], "\n".join(line for _, line in found)
+
+
+def record_document(data: dict, path, line: int, columns: Mapping[str, str]) -> Document:
+    """One record's document: its (renamed) text field, a non-empty string; media fields are refused."""
+    rec = _Record(data, str(path), line, columns)
+    refuse_media(data, rec.error)
+    return Document(rec.field("text", str, nonempty=True), f"{path}:{line}")
+
+
+def check_text_options(columns: Mapping[str, str], format: str) -> None:
+    if format not in TEXT_FORMATS:
+        raise ConfigError(f"unknown text format {format!r}; cpt reads {', '.join(TEXT_FORMATS)}")
+    _check_columns(columns, "text")
 
 
 def load_texts(path, columns: dict[str, str] | None = None, format: str = "auto",
@@ -181,23 +201,18 @@ def load_texts(path, columns: dict[str, str] | None = None, format: str = "auto"
     """Raw text documents for continued pretraining, from .txt (format text or auto: documents separated by blank
     lines; lines: one document per non-blank line), .jsonl or .json (a "text" field per record)."""
     columns = columns or {}
-    if format not in TEXT_FORMATS:
-        raise ConfigError(f"unknown text format {format!r}; cpt reads {', '.join(TEXT_FORMATS)}")
-    _check_columns(columns, "text")
+    check_text_options(columns, format)
     if check_suffix(path, _ALL_SUFFIXES) == ".txt":
-        text = read_text(path)
-        found = lines(text) if format == "lines" else _paragraphs(text)
-        return [Document(body, f"{path}:{line}") for line, body in found if body.strip()]
+        return list(text_documents(lines(read_text(path)), path, format))
     if format == "lines":
         raise ConfigError(f"format 'lines' reads a .txt file one document per line; {path} holds records (their "
                           "'text' field is a document each): use format auto or text")
     documents, use = [], FieldUse(path)
 
     def read(line: int, data: dict) -> Document:
-        rec = _Record(data, str(path), line, columns)
-        refuse_media(data, rec.error)
-        use.note(data, {rec.name("text")})
-        return Document(rec.field("text", str, nonempty=True), f"{path}:{line}")
+        document = record_document(data, path, line, columns)
+        use.note(data, {columns.get("text", "text")})
+        return document
     for line, data in read_records(path, bad):
         document = guarded(bad, lambda: read(line, data))
         if document is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from pipeline.data import Conversation, Document
 from pipeline.errors import ConfigError
@@ -148,13 +149,29 @@ def tokenize_conversations(tokenizer, conversations: list[Conversation], max_len
 
 def tokenize_documents(tokenizer, documents: list[Document], block_size: int) -> Tokenized:
     """Concatenate documents (EOS between them) and cut into blocks of block_size; nothing is dropped but the tail."""
-    stream: list[int] = []
-    for document in track(documents, "tokenizing documents"):
-        stream += tokenizer(document.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    # A short final block still trains: keep it unless it is too short to carry signal.
-    rows = [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
-    return Tokenized(rows=rows, longest=max((len(b) for b in blocks), default=0))
+    blocks = list(pack_documents(tokenizer, track(documents, "tokenizing documents"), block_size))
+    return Tokenized(rows=list(block_rows(blocks)), longest=max((len(b) for b in blocks), default=0))
+
+
+def pack_documents(tokenizer, documents: Iterable[Document], block_size: int) -> Iterator[list[int]]:
+    """The token ids of `documents`, each followed by EOS, cut into blocks of block_size as they fill (the last one
+    shorter): the same blocks whether the documents are a list or a stream read as training goes."""
+    buffer: list[int] = []
+    for document in documents:
+        buffer += tokenizer(document.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        start = 0
+        while len(buffer) - start >= block_size:
+            yield buffer[start : start + block_size]
+            start += block_size
+        del buffer[:start]
+    if buffer:
+        yield buffer
+
+
+def block_rows(blocks: Iterable[list[int]]) -> Iterator[dict]:
+    """Training rows of packed blocks, every token carrying loss. A short final block still trains: it is kept
+    unless it is too short to carry signal."""
+    return ({"input_ids": block, "labels": list(block)} for block in blocks if len(block) > 1)
 
 
 def show_sample(tokenizer, row: dict) -> str:

@@ -161,8 +161,9 @@ class Runner:
         section = config.stage(name)
         hashes = {"config": hash_config({"stage": _asdict(section), "model": _asdict(config.model),
                                          "peft": _asdict(config.peft), "seed": config.seed})}
+        streamed = getattr(getattr(section, "data", None), "streaming", False)  # a streamed corpus is never cached
         for key, value in STAGES[name].data_files(config).items():
-            hashes[f"data.{key}"] = hash_sources(value)
+            hashes[f"data.{key}"] = hash_sources(value, streaming=streamed and key == "train")
         if data_upstream:
             hashes[f"data.{data_upstream}"] = (read_manifest(self.run_dir / data_upstream) or {}).get("output_hash", "")
         for used in referenced_stages(config, name):

@@ -136,13 +136,18 @@ def dataset_rows(source: Source) -> Iterator[tuple[int, dict]]:
         yield row, record
 
 
+def _saved_to_disk(source: Source) -> bool:
+    """Whether the source is a directory `Dataset.save_to_disk` (or `DatasetDict.save_to_disk`) wrote."""
+    return bool(source.path) and any((Path(source.path) / name).exists()
+                                     for name in ("dataset_info.json", "dataset_dict.json"))
+
+
 def load_dataset(source: Source):
     """The `datasets.Dataset` a non-file source names (one split)."""
     import datasets
 
     try:
-        if source.path and (Path(source.path) / "dataset_info.json").exists() or \
-                source.path and (Path(source.path) / "dataset_dict.json").exists():
+        if _saved_to_disk(source):
             loaded = datasets.load_from_disk(source.path)
             if isinstance(loaded, datasets.DatasetDict):
                 loaded = loaded[_split(source, list(loaded))]
@@ -153,6 +158,40 @@ def load_dataset(source: Source):
         offline = " (offline: only datasets already in the cache can be read)" \
             if datasets.config.HF_HUB_OFFLINE else ""
         raise DataError(str(source), None, None, f"cannot load the dataset{offline}: {e}") from None
+
+
+# The `datasets` builder that reads each kind of file a chunk at a time. A .json array has none: it is parsed whole.
+STREAMED_FILES = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def stream_rows(source: Source) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a source read through `datasets` streaming (an IterableDataset), 1-based: a file a chunk at a
+    time (a .txt a line per row), a Hub dataset or a folder of data files as `datasets` streams them, a save_to_disk
+    directory from its memory-mapped Arrow files. Nothing is held beyond the chunk being read."""
+    import datasets
+
+    if source.is_file and source.suffix not in STREAMED_FILES:
+        raise DataError(source, None, None, f"a {source.suffix or '(no extension)'} file cannot be streamed; streaming "
+                                            f"reads {', '.join(STREAMED_FILES)} (each may be .gz)" +
+                        ("; a .json array is parsed whole: convert it to .jsonl, one record per line"
+                         if source.suffix == ".json" else ""))
+    try:
+        if source.is_file:
+            rows = datasets.load_dataset(STREAMED_FILES[source.suffix], data_files=source.path, split="train",
+                                         streaming=True)
+        elif _saved_to_disk(source):
+            rows = load_dataset(source).to_iterable_dataset()
+        else:
+            rows = datasets.load_dataset(source.name or source.path, source.config, split=source.split or "train",
+                                         data_files=source.data_files, revision=source.revision, streaming=True)
+        yield from enumerate(rows, 1)
+    except DataError:
+        raise
+    except Exception as e:  # datasets, fsspec and pyarrow raise their own kinds for a file they cannot read
+        offline = " (offline: only datasets already in the cache can be read)" \
+            if source.name and datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(str(source), None, None, f"cannot be read as a stream{offline}: {type(e).__name__}: {e}") \
+            from None
 
 
 def _split(source: Source, splits: list[str]) -> str:
@@ -186,9 +225,10 @@ def _weighted(records: list, weight: float, seed: int) -> list:
     return records * whole + [records[i] for i in sample]
 
 
-def hash_sources(value: Any) -> str:
+def hash_sources(value: Any, streaming: bool = False) -> str:
     """A content hash of every source a config value names, to decide whether a stage must run again: a file or
-    directory by its bytes, a `datasets` source by the Arrow files its cache holds."""
+    directory by its bytes (read a chunk at a time), a `datasets` source by the Arrow files its cache holds, or, when
+    it is streamed and so never cached whole, by the revision `datasets` resolves it to (the commit on the Hub)."""
     import hashlib
 
     from pipeline.artifacts import hash_path
@@ -198,7 +238,22 @@ def hash_sources(value: Any) -> str:
         if source.name is None:
             digest.update(hash_path(Path(source.path)).encode())
             continue
+        if streaming:
+            digest.update(f"{source}:{source.data_files}:{_resolved_revision(source)}".encode())
+            continue
         files = [Path(f["filename"]) for f in load_dataset(source).cache_files]
         for file in files:
             digest.update(hash_path(file).encode())
     return digest.hexdigest()[:16]
+
+
+def _resolved_revision(source: Source) -> str:
+    """The revision of a Hub dataset as `datasets` resolves it, without reading its data: the commit its files come
+    from (or, offline, the cached one's)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset_builder(source.name, source.config, data_files=source.data_files,
+                                             revision=source.revision).hash
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(str(source), None, None, f"cannot resolve the dataset's revision: {e}") from None

@@ -143,7 +143,6 @@ def run_stage(ctx: StageContext, load, tokenize, general: list | None = None) ->
     """The whole of a cpt or sft stage: parse, tokenize (counting what is dropped), train, evaluate on the held-out
     records. `general`: records of general text, evaluated beside the held-out ones to show forgetting."""
     from datasets import Dataset
-    from trl import SFTTrainer
 
     split = load(ctx.config)
     train_records, eval_records = split
@@ -164,18 +163,35 @@ def run_stage(ctx: StageContext, load, tokenize, general: list | None = None) ->
         "data/train_sequences": len(train_tok.rows), "data/eval_sequences": len(eval_tok.rows),
         "data/dropped_too_long": dropped, **split.dropped,
     }
-    eval_sets = {"domain": eval_tok.rows}
-    if general:
-        general_tok = tokenize(ctx.config, tokenizer, [], general, limit)[1]
-        log(f"{ctx.name}: {len(general_tok.rows)} sequences of general text for the forgetting check "
-            f"({general_tok.dropped_too_long} over max_length left out)")
-        eval_sets["general"] = general_tok.rows
-        data_metrics["data/general_sequences"] = len(general_tok.rows)
+    general_rows = general_sequences(ctx, tokenizer, tokenize, general, limit, data_metrics)
+    return train(ctx, tokenizer, Dataset.from_list(train_tok.rows), {"domain": eval_tok.rows, "general": general_rows},
+                 data_metrics)
+
+
+def general_sequences(ctx: StageContext, tokenizer, tokenize, general: list | None, limit: int,
+                      data_metrics: dict) -> list:
+    """cpt's general text (the forgetting check) as held-out rows, counted in data_metrics; none when not configured."""
+    if not general:
+        return []
+    general_tok = tokenize(ctx.config, tokenizer, [], general, limit)[1]
+    log(f"{ctx.name}: {len(general_tok.rows)} sequences of general text for the forgetting check "
+        f"({general_tok.dropped_too_long} over max_length left out)")
+    data_metrics["data/general_sequences"] = len(general_tok.rows)
+    return general_tok.rows
+
+
+def train(ctx: StageContext, tokenizer, train_dataset, held_out: dict[str, list], data_metrics: dict) -> StageResult:
+    """Train on `train_dataset` (a Dataset, or cpt's streamed IterableDataset) through SFTTrainer and evaluate on the
+    held-out rows, {"domain": rows, "general": rows}, each set that has any; the result's metrics start with
+    data_metrics."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
     # More than one held-out set (cpt's general text) is evaluated set by set.
-    eval_sets = {name: Dataset.from_list(rows) for name, rows in eval_sets.items() if rows}
+    eval_sets = {name: Dataset.from_list(rows) for name, rows in held_out.items() if rows}
     has_eval = bool(eval_sets)
     model, base_dir = load_training_model(ctx, tokenizer)
-    result = hf_trainer.fit(ctx, SFTTrainer, model, tokenizer, base_dir, Dataset.from_list(train_tok.rows),
+    result = hf_trainer.fit(ctx, SFTTrainer, model, tokenizer, base_dir, train_dataset,
                             eval_sets if "general" in eval_sets else eval_sets.get("domain"),
                             trainer_evaluates=has_eval, after=held_out_metrics if has_eval else None,
                             defaults=stage_defaults(ctx.config, has_eval=has_eval))
