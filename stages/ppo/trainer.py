@@ -96,7 +96,7 @@ def optimise(accelerator, module, optimizer, batch: Rollout, advantages, returns
     iteration `step`). During the critic's warm-up (iterations up to critic_warmup_steps) the loss is the value
     loss alone: the actor's weights get no gradient, so the optimiser leaves them, and its moments for them, as
     they were."""
-    train_actor = step > cfg.critic_warmup_steps
+    train_actor = not cfg.critic_warmup_steps or step > cfg.critic_warmup_steps
     stats = defaultdict(list)
     length = batch.responses.shape[1]
     for _ in range(cfg.num_ppo_epochs):
