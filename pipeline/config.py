@@ -438,6 +438,28 @@ class OnlineRLConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    """cls: a text classifier (any number of labels) trained with transformers' Trainer on rows of text and label;
+    with a PEFT adapter its classification head trains in full beside it and is saved with it. A branch of its own,
+    not part of the chat chain: `init_from: auto` is the base model."""
+
+    enabled: bool = True
+    """Whether `run` without --stage runs this stage."""
+    init_from: str = "auto"
+    """auto or base (the base model, under a new head), a model directory, or an adapter directory cls trained."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Rows of {"text", "label"} (.jsonl, .json, .csv, .parquet, datasets); columns renames them, e.g. {text: review,
+    label: sentiment}; a label is a string or an integer. format, delimiters, general_eval and probes do not apply."""
+    labels: list = field(default_factory=list)
+    """The label names in the order of their ids; an integer label in the data is an index into it. Empty: the
+    sorted labels of the training rows. A held-out label not among them is an error."""
+    max_length: int = 256
+    """Tokens per text; a longer one is cut there (counted in stage.json as data/truncated)."""
+    trainer: dict = field(default_factory=dict)
+    """Passed to transformers' TrainingArguments: learning_rate, num_train_epochs, max_steps, save_steps..."""
+
+
+@dataclass
 class RunConfig:
     seed: int = 42
     """Seeds data splits, model init and the trainers (unless a stage's trainer.seed says otherwise)."""
@@ -463,6 +485,7 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(enabled=False))
     grpo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
     rloo: OnlineRLConfig = field(default_factory=lambda: OnlineRLConfig(enabled=False))
+    cls: ClassifyConfig = field(default_factory=lambda: ClassifyConfig(enabled=False))
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     """How the policy stages (dpo, kto, orpo, simpo, ppo, grpo, rloo) are evaluated against their starting policy, and
     how sft's answers are sampled."""
@@ -501,6 +524,9 @@ class Stage:
     uses: Callable[[RunConfig], list[str]] = lambda config: []
     """The models it uses besides its starting one (a judge's, its reward's, its critic's): stage names or paths.
     Those that are stages of this run join its inputs, so a retrained reward model re-runs what scores with it."""
+    model_kind: str = "causal_lm"
+    """What it makes of model.name_or_path: causal_lm (checked to be one before any compute), or classifier (cls:
+    any model transformers has a sequence-classification head for, starting from the base, not the chat chain)."""
 
     def trainer_config(self) -> type:
         module, name = self.trainer.split(":")
@@ -550,6 +576,7 @@ REGISTRY = {stage.name: stage for stage in (
           uses=lambda config: _reward_uses(config.grpo.reward)),
     Stage("rloo", OnlineRLConfig, "trl:RLOOConfig", "policy", launched=True, evaluated=True,
           uses=lambda config: _reward_uses(config.rloo.reward)),
+    Stage("cls", ClassifyConfig, "transformers:TrainingArguments", "classifier", model_kind="classifier"),
 )}
 STAGE_ORDER = tuple(REGISTRY)
 PREFERENCE_OPTIMISERS = tuple(name for name, stage in REGISTRY.items() if stage.optimises_preferences)
@@ -731,6 +758,7 @@ def _check_values(config: RunConfig) -> None:
     _check_iterative_dpo(config)
     _check_evaluation(config)
     _check_ppo(config)
+    _check_cls(config)
     for name in (name for name, spec in REGISTRY.items() if spec.section is OnlineRLConfig):
         _check_prompts_and_reward(config, name)
     _check_distributed(config)
@@ -951,6 +979,29 @@ def _check_ppo(config: RunConfig) -> None:
     for ok, need in checks:
         if not ok:
             raise ConfigError(f"{source}: ppo.trainer needs {need}")
+
+
+def _check_cls(config: RunConfig) -> None:
+    section, where = config.cls, f"{config.source}: cls"
+    data = section.data
+    if section.enabled and not data.train:
+        raise ConfigError(f"{where}.data.train (rows of text and label) is required when the cls stage is enabled")
+    if data.format != "auto" or data.delimiters or data.general_eval or data.probes:
+        raise ConfigError(f"{where}.data holds rows of text and label (.jsonl, .json, .csv, .parquet); its format is "
+                          "auto (columns can rename text and label), and delimiters, general_eval and probes do not "
+                          "apply to it")
+    for key, value in data.columns.items():
+        if key not in ("text", "label") or not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}.data.columns.{key}: cls reads the fields text and label; map each to a "
+                              f"column name of the file{suggest(key, ('text', 'label'))}")
+    if not 0 <= data.eval_split < 1:
+        raise ConfigError(f"{where}.data.eval_split must be in [0, 1), got {data.eval_split}")
+    labels = section.labels
+    if labels and (len(labels) < 2 or not all(isinstance(label, str) and label.strip() for label in labels)
+                   or len(set(labels)) < len(labels)):
+        raise ConfigError(f"{where}.labels must name at least two distinct labels as non-empty strings, got {labels}")
+    if section.max_length < 1:
+        raise ConfigError(f"{where}.max_length must be at least 1, got {section.max_length}")
 
 
 def _check_reward_judge(reward: RewardSourceConfig, name: str, source) -> None:

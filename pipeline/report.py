@@ -402,6 +402,26 @@ def calibration_section(stage: Stage, run_dir: Path) -> Section | None:
     ])
 
 
+def classification_section(stage: Stage, run_dir: Path) -> Section | None:
+    """cls: held-out accuracy and macro-F1 before and after, and the confusion matrices (cls/confusion.json)."""
+    confusion = read_json(run_dir / stage.name / "confusion.json")
+    if not confusion:
+        return None
+    m, labels = stage.metrics, confusion["labels"]
+    blocks = [f"The classifier's predictions on {_num(m.get('data/eval_rows'))} held-out rows, before training (a new "
+              "head) and after. Macro-F1 averages the labels' F1 unweighted, so a rare label counts as much as a "
+              "common one.",
+              Table(["measure", "before → after"],
+                    [["accuracy", _change(m.get("cls/eval_accuracy_before"), m.get("cls/eval_accuracy"), 3)],
+                     ["macro-F1", _change(m.get("cls/eval_macro_f1_before"), m.get("cls/eval_macro_f1"), 3)]])]
+    for when in ("before", "after"):
+        if confusion.get(when):
+            blocks += [f"Confusion {when} training (rows: the actual label, columns: the predicted one):",
+                       Table(["actual \\ predicted", *labels],
+                             [[label, *map(str, row)] for label, row in zip(labels, confusion[when])])]
+    return Section("Classification", blocks)
+
+
 def preferences_section(stage: Stage, run_dir: Path, config: dict) -> Section | None:
     from pipeline import plots
 
@@ -485,6 +505,7 @@ def build(run_dir: Path) -> tuple[str, list[Section]]:
         rounds_section(by_name["iterative_dpo"], run_dir, config) if "iterative_dpo" in by_name else None,
         ppo_section(by_name["ppo"], run_dir) if "ppo" in by_name else None,
         *(online_section(by_name[name], run_dir) for name in ("grpo", "rloo") if name in by_name),
+        classification_section(by_name["cls"], run_dir) if "cls" in by_name else None,
         win_rate_section(stages, config), samples_section(stages, run_dir),
     ]
     model = (config.get("model") or {}).get("name_or_path", "?")

@@ -30,7 +30,7 @@ from pipeline.context import ModelSource, StageContext
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.lock import RunLock
 from pipeline.log import log, warn
-from pipeline.models import PEFT_TYPES, check_causal_lm, model_path
+from pipeline.models import PEFT_TYPES, check_causal_lm, check_classifier, model_path
 from pipeline.sources import hash_sources
 from stages import STAGES
 
@@ -83,7 +83,11 @@ def preflight(config: RunConfig, names: list[str]) -> None:
 
     peft_config_for(config.peft)
     check_model_options(config, names)
-    check_causal_lm(config.model)
+    kinds = {REGISTRY[name].model_kind for name in names}
+    if "causal_lm" in kinds:
+        check_causal_lm(config.model)
+    if "classifier" in kinds:
+        check_classifier(config.model)
     for name in names:
         STAGES[name].check(config)
 
@@ -113,6 +117,8 @@ class Runner:
         init = self.config.stage(name).init_from
         if init != "auto":
             return init
+        if REGISTRY[name].model_kind != "causal_lm":  # not part of the chat chain (cls): its own base
+            return "base"
         earlier = [s for s in STAGE_ORDER[: STAGE_ORDER.index(name)]
                    if REGISTRY[s].starts_later_stages and self.config.stage(s).enabled]
         if not earlier:
@@ -301,7 +307,7 @@ class Runner:
         launch.check_main_machine(self.config)
         check_writable(self.run_dir)
         self.preflight(names)
-        if any(name != "cpt" for name in names):  # the others render chats: say what system message they get
+        if any(name not in ("cpt", "cls") for name in names):  # the others render chats: say what system message they get
             from pipeline.models import load_tokenizer
             from pipeline.render import system_prompt_note
 

@@ -155,6 +155,9 @@ def headline(metrics: dict) -> str:
         space = key.removesuffix("/reward_mean")  # ppo, grpo, rloo: the stages that learn from a reward online
         parts.append(f"reward {_fmt(metrics.get(f'{space}/reward_mean_first'), 3)} → {metrics[key]:.3f}, "
                      f"KL {_fmt(metrics.get(f'{space}/kl'), 2)}")
+    if metrics.get("cls/eval_accuracy") is not None:
+        parts.append(f"held-out accuracy {_fmt(metrics.get('cls/eval_accuracy_before'), 3)} → "
+                     f"{metrics['cls/eval_accuracy']:.3f}, macro-F1 {_fmt(metrics.get('cls/eval_macro_f1'), 3)}")
     if metrics.get("rounds/count") is not None:
         parts.append(f"{metrics['rounds/count']} rounds, {metrics['rounds/decided_pairs']} pairs decided"
                      + (f", judge win rate over the start {metrics['rounds/win_rate_first']:.0%} → "

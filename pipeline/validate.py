@@ -12,10 +12,13 @@ from pipeline.render import show_sample, system_prompt_note
 from stages import STAGES
 
 
-def check_peft_targets(config: RunConfig) -> str:
-    """Confirm the PEFT target modules exist in the model, without loading its weights (meta device)."""
+def check_peft_targets(config: RunConfig, names: list[str]) -> str:
+    """Confirm the PEFT target modules exist in the model, without loading its weights (meta device): the causal
+    LM the chat stages train, or the classifier cls trains when it runs alone."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from pipeline.config import REGISTRY
 
     peft_config = peft_config_for(config.peft)
     if peft_config is None:
@@ -25,8 +28,10 @@ def check_peft_targets(config: RunConfig) -> str:
         return f"{config.peft.method}: target modules {targets or 'chosen by PEFT for this architecture'}"
     trust = config.model.trust_remote_code
     model_config = AutoConfig.from_pretrained(model_path(config.model), trust_remote_code=trust)
+    classifier = all(REGISTRY[name].model_kind == "classifier" for name in names)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust)
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(
+            model_config, trust_remote_code=trust)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(targets) - names)
     if missing:
@@ -45,7 +50,7 @@ def validate(runner, names: list[str]) -> int:
                f"chat template: {'yes' if tokenizer.chat_template else 'none'}"))
     if tokenizer.chat_template:
         log(escape(f"system prompt: {system_prompt_note(config.model, tokenizer)}"))
-    log(f"peft: {check_peft_targets(config)}")
+    log(f"peft: {check_peft_targets(config, names)}")
     for name in names:
         stage = STAGES[name]
         summarise = getattr(stage, "summarise", None)

@@ -84,3 +84,21 @@ def is_degenerate(response: str) -> bool:
         if counts[gram] >= REPEAT_TIMES:
             return True
     return False
+
+
+def classification(predicted: list[int], actual: list[int], num_labels: int) -> dict:
+    """Accuracy, macro-F1 (the unweighted mean of each label's F1, over the labels that occur in `actual` or
+    `predicted`: a rare label counts as much as a common one) and the confusion matrix, confusion[actual][predicted]."""
+    confusion = [[0] * num_labels for _ in range(num_labels)]
+    for p, a in zip(predicted, actual):
+        confusion[a][p] += 1
+    f1s = []
+    for label in range(num_labels):
+        true_pos = confusion[label][label]
+        predicted_as = sum(row[label] for row in confusion)
+        support = sum(confusion[label])
+        if predicted_as + support:
+            f1s.append(2 * true_pos / (predicted_as + support))
+    correct = sum(confusion[i][i] for i in range(num_labels))
+    return {"accuracy": correct / len(actual) if actual else None,
+            "macro_f1": sum(f1s) / len(f1s) if f1s else None, "confusion": confusion}

@@ -42,6 +42,29 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(ModelConfig("tiny-random-smollm2"))
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT encoder (no head, as all-MiniLM-L6-v2 ships) with a WordPiece tokenizer whose
+    vocabulary is the words of data/classify/, built from a config: what the cls tests train."""
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    words = set()
+    for path in (REPO / "data" / "classify").glob("*.jsonl"):
+        words |= set(re.findall(r"\w+|[^\w\s]", path.read_text().lower()))
+    (out / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(out / "vocab.txt"))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def run_pipeline(*args: str, check: bool = True):
     """Run `python -m pipeline ...` in a subprocess from the repo root, as a user would."""
     import subprocess
