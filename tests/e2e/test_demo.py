@@ -29,7 +29,8 @@ def test_demo_config_runs_every_stage_on_the_embedded_model(tmp_path):
                  "--set", "rm.trainer.per_device_train_batch_size=2", "--set", f"rm.data.probes={{cue: {probe}}}",
                  "--set", "dpo.trainer.max_steps=2", "--set", "dpo.data.eval_split=0.02",
                  "--set", "dpo.trainer.per_device_train_batch_size=2",
-                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.max_new_tokens=16",
+                 "--set", "ppo.trainer.max_steps=2", "--set", "ppo.trainer.critic_warmup_steps=1",
+                 "--set", "ppo.trainer.max_new_tokens=16",
                  "--set", "ppo.trainer.rollout_batch_size=4", "--set", "ppo.trainer.mini_batch_size=2",
                  "--set", "evaluation.max_prompts=4", "--set", "evaluation.max_new_tokens=16",
                  "--set", "evaluation.max_references=4")
