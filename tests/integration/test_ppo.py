@@ -291,26 +291,36 @@ def test_any_judge_rewards_ppo(tmp_path, judge, one_thread):
     assert [row["score"] for row in rows] == pytest.approx(expected, abs=1e-4)
 
 
-def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread):
-    """The direction of learning, directly: after one optimise() call, responses with a positive advantage are
-    more likely and responses with a negative one less likely."""
+def _rolled_out(*settings: str):
+    """(trainer config, the actor-critic, it prepared by accelerate, its AdamW, a rollout of 8 prompts) on the tiny
+    model from its base, at temperature 0.1 and 8 new tokens, with `settings` over smoke.yaml."""
     from accelerate import Accelerator
 
     from pipeline.config import load_config
     from pipeline.models import load_tokenizer, resolve_model_path
     from stages.ppo import load
-    from stages.ppo.losses import logprobs_from_logits
     from stages.ppo.model import build
     from stages.ppo.rollout import rollout
-    from stages.ppo.trainer import optimise
 
-    config = load_config(SMOKE, ["ppo.init_from=base", "ppo.trainer.temperature=0.1", "ppo.trainer.max_new_tokens=8"])
+    config = load_config(SMOKE, ["ppo.init_from=base", "ppo.trainer.temperature=0.1", "ppo.trainer.max_new_tokens=8",
+                                 *settings])
     cfg = config.ppo.trainer
     tokenizer = load_tokenizer(config.model)
     module = build(config, resolve_model_path(config.model.name_or_path), tokenizer)
     optimizer = torch.optim.AdamW(module.trainable_parameters, lr=3e-3)
     prepared, optimizer = Accelerator().prepare(module, optimizer)
-    batch = rollout(module, tokenizer, load(config).train[:8], cfg, seed=0)
+    return cfg, module, prepared, optimizer, rollout(module, tokenizer, load(config).train[:8], cfg, seed=0)
+
+
+def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread):
+    """The direction of learning, directly: after one optimise() call, responses with a positive advantage are
+    more likely and responses with a negative one less likely."""
+    from accelerate import Accelerator
+
+    from stages.ppo.losses import logprobs_from_logits
+    from stages.ppo.trainer import optimise
+
+    cfg, module, prepared, optimizer, batch = _rolled_out()
     advantages = torch.ones_like(batch.mask)
     advantages[4:] = -1
     optimise(Accelerator(), prepared, optimizer, batch, advantages * batch.mask, batch.values, cfg,
@@ -326,22 +336,11 @@ def test_during_the_critic_warm_up_only_the_critic_trains(one_thread):
     weight as it was (no gradient, so no weight decay either); the next iteration trains the actor."""
     from accelerate import Accelerator
 
-    from pipeline.config import load_config
-    from pipeline.models import load_tokenizer, resolve_model_path
-    from stages.ppo import load
     from stages.ppo.losses import gae
-    from stages.ppo.model import build
-    from stages.ppo.rollout import rollout
     from stages.ppo.trainer import optimise
 
-    config = load_config(SMOKE, ["ppo.init_from=base", "ppo.trainer.temperature=0.1", "ppo.trainer.max_new_tokens=8",
-                                 "ppo.trainer.critic_warmup_steps=1", "ppo.trainer.num_ppo_epochs=1"])
-    cfg = config.ppo.trainer
-    tokenizer = load_tokenizer(config.model)
-    module = build(config, resolve_model_path(config.model.name_or_path), tokenizer)
-    optimizer = torch.optim.AdamW(module.trainable_parameters, lr=3e-3)
-    prepared, optimizer = Accelerator().prepare(module, optimizer)
-    batch = rollout(module, tokenizer, load(config).train[:8], cfg, seed=0)
+    cfg, module, prepared, optimizer, batch = _rolled_out("ppo.trainer.critic_warmup_steps=1",
+                                                          "ppo.trainer.num_ppo_epochs=1")
     rewards = torch.zeros_like(batch.values)
     rewards[:, 0] = torch.arange(8.0)  # scores that a value head at zero does not predict
     advantages, returns = gae(rewards * batch.mask, batch.values, batch.mask, cfg.gamma, cfg.lam)
