@@ -735,8 +735,6 @@ def _check_values(config: RunConfig) -> None:
                                   f"{suggest(key, ('start', 'sep', 'eos'))}")
         if stage.data.general_eval and name != "cpt":
             raise ConfigError(f"{config.source}: {name}.data.general_eval: only cpt evaluates on general text")
-        if not 0 <= stage.data.eval_split < 1:
-            raise ConfigError(f"{config.source}: {name}.data.eval_split must be in [0, 1), got {stage.data.eval_split}")
         if stage.data.probes and name != "rm":
             raise ConfigError(f"{config.source}: {name}.data.probes: only rm measures accuracy on probe sets")
         for probe, path in stage.data.probes.items():
@@ -746,6 +744,8 @@ def _check_values(config: RunConfig) -> None:
     for name in (name for name, spec in REGISTRY.items()
                  if "data" in {f.name for f in dataclasses.fields(spec.section)}):
         data = config.stage(name).data
+        if not 0 <= data.eval_split < 1:
+            raise ConfigError(f"{config.source}: {name}.data.eval_split must be in [0, 1), got {data.eval_split}")
         if name != "cpt" and (data.streaming or data.eval_documents is not None):
             raise ConfigError(f"{config.source}: {name}.data.{'streaming' if data.streaming else 'eval_documents'}: "
                               "only cpt streams its corpus and holds out a count of documents")
@@ -940,8 +940,6 @@ def _check_prompts_and_reward(config: RunConfig, name: str) -> None:
     if section.data.format != "auto" or section.data.delimiters:
         raise ConfigError(f"{source}: {name}.data holds prompts ({{\"prompt\"}} or {{\"messages\"}} per line); its "
                           "format is auto (columns can rename prompt and messages) and delimiters do not apply to it")
-    if not 0 <= section.data.eval_split < 1:
-        raise ConfigError(f"{source}: {name}.data.eval_split must be in [0, 1), got {section.data.eval_split}")
     if section.data.general_eval or section.data.probes:
         raise ConfigError(f"{source}: {name}.data: general_eval is cpt's and probes are rm's")
     reward = section.reward
@@ -994,8 +992,6 @@ def _check_cls(config: RunConfig) -> None:
         if key not in ("text", "label") or not isinstance(value, str) or not value:
             raise ConfigError(f"{where}.data.columns.{key}: cls reads the fields text and label; map each to a "
                               f"column name of the file{suggest(key, ('text', 'label'))}")
-    if not 0 <= data.eval_split < 1:
-        raise ConfigError(f"{where}.data.eval_split must be in [0, 1), got {data.eval_split}")
     labels = section.labels
     if labels and (len(labels) < 2 or not all(isinstance(label, str) and label.strip() for label in labels)
                    or len(set(labels)) < len(labels)):

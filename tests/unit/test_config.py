@@ -392,6 +392,13 @@ def test_eval_split_in_range(tmp_path, value):
     assert config.sft.data.eval_split == value
 
 
+@pytest.mark.parametrize("stage", ["rm", "ppo", "grpo", "cls"])
+def test_eval_split_checked_for_every_stage_with_data(tmp_path, stage):
+    """One check serves every section with a data: key, the chat stages', the online ones' and cls's."""
+    with pytest.raises(ConfigError, match=rf"{stage}.data.eval_split must be in \[0, 1\), got 1.5"):
+        load_config(write_config(tmp_path, minimal(**{stage: {"enabled": False, "data": {"eval_split": 1.5}}})))
+
+
 def test_eval_split_checked_for_disabled_stage_too(tmp_path):
     with pytest.raises(ConfigError, match="cpt.data.eval_split"):
         load_config(write_config(tmp_path, minimal(cpt={"enabled": False, "data": {"eval_split": 2}})))
