@@ -204,12 +204,16 @@ def uses_model(config: RunConfig) -> bool:
 # ---------------------------------------------------------------------------- 2. tokens, 3. the model
 
 def tokenize(tokenizer, rows: list[tuple[str, int]], max_length: int) -> tuple[list[dict], int]:
-    """Rows of input ids and label, and how many texts were cut at max_length."""
-    encoded = tokenizer([text for text, _ in rows], truncation=True, max_length=max_length)
-    full = tokenizer([text for text, _ in rows])["input_ids"]
-    truncated = sum(len(ids) > max_length for ids in full)
+    """Rows of input ids and label, and how many texts were cut at max_length. Each text is encoded once whole; only
+    the ones over the limit are encoded again, cut by the tokenizer (which keeps an encoder's closing special token)."""
+    encoded = tokenizer([text for text, _ in rows])
+    long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    if long:
+        cut = tokenizer([rows[i][0] for i in long], truncation=True, max_length=max_length)
+        for i, ids, mask in zip(long, cut["input_ids"], cut["attention_mask"]):
+            encoded["input_ids"][i], encoded["attention_mask"][i] = ids, mask
     return [{"input_ids": ids, "attention_mask": mask, "labels": label}
-            for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)], truncated
+            for ids, mask, (_, label) in zip(encoded["input_ids"], encoded["attention_mask"], rows)], len(long)
 
 
 def load_model(ctx: StageContext, tokenizer, labels: list[str]):
