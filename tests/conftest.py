@@ -15,8 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# glibc hands every block over 32 MB (a batch of logits over a 49k vocabulary is hundreds of MB) back to the kernel
-# on free and page-faults it in again on the next step: half of a tiny-model run's CPU time was spent in the kernel.
+# glibc hands every block over 32 MB (a batch of logits over the embedded model's 49k vocabulary is hundreds of MB)
+# back to the kernel on free and page-faults it in again on the next step: half of a tiny-model run's CPU time was
+# spent in the kernel when the tiny model had that vocabulary too (it now has 2,048 tokens; the e2e tests use 49k).
 # Keeping freed memory in the heap halves the wall time of the pipeline runs the tests start (README: CPU runs).
 os.environ.setdefault("MALLOC_MMAP_MAX_", "0")
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(16 << 30))
@@ -40,6 +41,16 @@ def tokenizer(tiny_model_dir):
     from pipeline.models import load_tokenizer
 
     return load_tokenizer(ModelConfig("tiny-random-smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded model's full 49k-token tokenizer (the tiny model keeps its first 2,048 tokens), for the tests
+    about how a real BPE vocabulary's tokens straddle the chat template's boundaries."""
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,7 @@ def byo(tmp_path_factory, tiny_model_dir):
             "--set", "model.name_or_path=acme/tiny-chat", "--set", "model.revision=main",
             "--set", f"sft.data.train=[{{name: acme/chats}}, {{path: {extra}, weight: 2}}]",
             "--set", "sft.data.bad_rows=drop", "--set", "sft.trainer.max_steps=2",
-            "--set", "dpo.data.train={name: acme/prefs, split: train_prefs}", "--set", "dpo.trainer.max_length=100",
+            "--set", "dpo.data.train={name: acme/prefs, split: train_prefs}", "--set", "dpo.trainer.max_length=150",
             "--set", "dpo.trainer.max_steps=2", "--set", "evaluation.prompts=", "--set", "evaluation.max_references=0"]
     import os
 
@@ -101,7 +101,7 @@ def test_hub_model_and_datasets_through_sft_and_dpo(byo):
 
 
 def test_validate_reports_the_numbers_the_run_then_reports(byo):
-    found = re.search(r"dpo: (\d+) train / (\d+) eval pairs -> (\d+) / (\d+) within max_length=100; (\d+) longer",
+    found = re.search(r"dpo: (\d+) train / (\d+) eval pairs -> (\d+) / (\d+) within max_length=150; (\d+) longer",
                       byo["validated"])
     assert found, byo["validated"][-2000:]
     train, held_out, kept_train, kept_eval, too_long = map(int, found.groups())

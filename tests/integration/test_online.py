@@ -18,6 +18,11 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 STAGES = ("grpo", "rloo")
 PIPELINE_ENV = {"PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # as in test_ppo.py
 RULE = "rules_for_tests:distinct_trigrams"
+# rloo's pairwise reward: the shorter response (in characters) wins. The starting policy samples near-uniformly from the
+# tiny model's 2,048 tokens, so almost every response has only distinct trigrams and ties or beats its reference on
+# distinct_trigrams alike: every group's rewards were equal and no step had a gradient. Lengths in characters differ,
+# and rloo samples four responses to each of two prompts a step, so a group whose four verdicts are all equal is rare.
+PAIRWISE_RULE = "rules_for_tests:shorter"
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +61,8 @@ def from_sft(tmp_path_factory):
                          "grpo.reward.type=judge", "grpo.reward.judge.type=contrastive",
                          "grpo.reward.judge.violation=Be vague.",
                          "rloo.reward.type=judge", "rloo.reward.pairwise=true", "rloo.reward.judge.type=rule",
-                         f"rloo.reward.judge.function={RULE}",
+                         f"rloo.reward.judge.function={PAIRWISE_RULE}",
+                         "rloo.trainer.num_generations=4", "rloo.trainer.per_device_train_batch_size=8",
                          *(f"{stage}.trainer.max_steps=2" for stage in STAGES)))
     return run_dir
 
@@ -130,7 +136,7 @@ def test_grpo_is_rewarded_by_the_contrastive_judge_s_score_of_each_response(from
 def test_rloo_is_rewarded_by_a_judge_s_verdict_against_the_reference_policy_s_response(from_sft):
     """A rule gives no confidence: a win is +1, a loss -1, equal scores 0. The reference responses are sampled once,
     one per distinct prompt (training and held-out), from the starting policy."""
-    from rules_for_tests import distinct_trigrams
+    from rules_for_tests import shorter
 
     from pipeline.config import load_config
     from stages.online import REFERENCE_FILE, prompt_key
@@ -148,9 +154,9 @@ def test_rloo_is_rewarded_by_a_judge_s_verdict_against_the_reference_policy_s_re
         return float((x > 0) - (x < 0))
 
     rows = samples(from_sft, "rloo")
-    assert [row["step"] for row in rows] == [1] * 4 + [2] * 4
-    expected = [sign(distinct_trigrams(row["prompt"], row["response"])
-                     - distinct_trigrams(row["prompt"], reference[prompt_key(row["prompt"])])) for row in rows]
+    assert [row["step"] for row in rows] == [1] * 8 + [2] * 8  # 2 prompts x 4 responses per step
+    expected = [sign(shorter(row["prompt"], row["response"])
+                     - shorter(row["prompt"], reference[prompt_key(row["prompt"])])) for row in rows]
     assert [row["score"] for row in rows] == pytest.approx(expected)
 
 

@@ -18,7 +18,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 RULE = ["--set", "ppo.init_from=base", "--set", "ppo.reward.type=rule",
         "--set", "ppo.reward.function=rules_for_tests:distinct_trigrams"]
 # The tiny model's logits are nearly flat (random embeddings of std 0.02 under a fixed-norm hidden state): at
-# temperature 1 it samples uniformly from 49k tokens, which no LoRA update can concentrate. At 0.1 it repeats its
+# temperature 1 it samples uniformly from its 2,048 tokens, which no LoRA update can concentrate in 20 iterations. At 0.1 it repeats its
 # first token over and over, and a reward for distinct trigrams is something it can unlearn within 20 iterations.
 LEARNABLE = ["--set", "ppo.trainer.temperature=0.1", "--set", "ppo.trainer.learning_rate=3e-3",
              "--set", "ppo.trainer.kl_coef=0.002", "--set", "ppo.trainer.max_steps=20",
@@ -320,7 +320,10 @@ def test_an_update_raises_the_log_probability_of_advantaged_responses(one_thread
     from stages.ppo.losses import logprobs_from_logits
     from stages.ppo.trainer import optimise
 
-    cfg, module, prepared, optimizer, batch = _rolled_out()
+    # At temperature 1 the eight responses are distinct (at 0.1 the tiny model answers most prompts with the same
+    # repeated token, so one response can sit on both sides).
+    cfg, module, prepared, optimizer, batch = _rolled_out("ppo.trainer.temperature=1.0")
+    assert len({tuple(row) for row in batch.responses.tolist()}) == 8
     advantages = torch.ones_like(batch.mask)
     advantages[4:] = -1
     optimise(Accelerator(), prepared, optimizer, batch, advantages * batch.mask, batch.values, cfg,
@@ -373,7 +376,9 @@ def test_full_fine_tuning_trains_every_weight_against_a_frozen_reference(tmp_pat
     assert ppo["status"] == "completed" and ppo["critic_init"]["base"] == str(tiny_model_dir)
     kl = [row["ppo/kl"] for row in read_jsonl(run_dir / "ppo" / "metrics.jsonl")]
     assert kl[0] == 0.0, "the first rollout's actor is the reference, bit for bit"
-    assert kl[-1] > 0 and ppo["metrics"]["eval/kl_to_start"] > 0, "the reference stayed where the actor started"
+    # ppo/kl is the sampled estimate (log-ratio summed over the response), which can fall below 0; the held-out KL
+    # cannot.
+    assert kl[-1] != 0.0 and ppo["metrics"]["eval/kl_to_start"] > 0, "the reference stayed where the actor started"
 
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     final = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")

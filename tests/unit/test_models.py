@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import HUB_COMMIT, build_hub_model_cache
+from conftest import HUB_COMMIT, REPO, build_hub_model_cache
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
@@ -50,3 +50,22 @@ def test_remote_code_runs_only_when_trusted(tmp_path, tiny_model_dir, tokenizer)
     (custom / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="set model.trust_remote_code: true if you trust its authors"):
         load_causal_lm(custom, ModelConfig(str(custom)), tokenizer)
+
+
+def test_tiny_model_keeps_smollm2s_first_tokens_and_encodes_every_text(tiny_model_dir, tokenizer):
+    """The tiny model's tokenizer is SmolLM2's cut to 2,048 tokens: the same special tokens, ids and chat template,
+    and every text (here the shipped data, and bytes no merge covers) encodes and decodes back exactly."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.models import TINY_VOCAB
+
+    full = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    assert len(tokenizer) == TINY_VOCAB == AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    assert (tokenizer.eos_token, tokenizer.pad_token) == (full.eos_token, full.pad_token)
+    assert all(tokenizer.convert_tokens_to_ids(t) == full.convert_tokens_to_ids(t) for t in full.all_special_tokens)
+    chat = [{"role": "user", "content": "Why do bees swarm?"}, {"role": "assistant", "content": "To split the hive."}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == full.apply_chat_template(chat, tokenize=False)
+    for text in [(REPO / "data/sft/beekeeping_qa.jsonl").read_text()[:20000], "Ünïcödé 蜜蜂 🐝 \t\n x"]:
+        ids = tokenizer(text).input_ids
+        assert max(ids) < TINY_VOCAB and tokenizer.decode(ids) == text
+        assert len(ids) > len(full(text).input_ids)  # fewer merges: more, shorter tokens

@@ -84,15 +84,16 @@ def test_end_of_turn_carries_loss_but_following_newline_does_not(tokenizer):
 @pytest.mark.parametrize("content", [
     "Trailing spaces  ", "Two\n\nparagraphs\n", "Ünïcödé: 蜜蜂 🐝", "42", "", "\nleading newline", "<b>html</b>",
 ])
-def test_unusual_assistant_content(tokenizer, content):
-    assert_loss_on_assistant_only(tokenizer, [msg("user", "q"), msg("assistant", content)])
+def test_unusual_assistant_content(tokenizer, smollm2_tokenizer, content):
+    for tok in (tokenizer, smollm2_tokenizer):
+        assert_loss_on_assistant_only(tok, [msg("user", "q"), msg("assistant", content)])
 
 
 @pytest.mark.xfail(strict=True, reason=(
     "Known limitation: with content starting with two spaces the BPE token '\\n ' straddles the start of the "
     "assistant span; it carries loss (so the answer's first space is trained), and with it the prompt's newline"))
-def test_leading_spaces_in_assistant_content(tokenizer):
-    assert_loss_on_assistant_only(tokenizer, [msg("user", "q"), msg("assistant", "  indented answer")])
+def test_leading_spaces_in_assistant_content(smollm2_tokenizer):
+    assert_loss_on_assistant_only(smollm2_tokenizer, [msg("user", "q"), msg("assistant", "  indented answer")])
 
 
 def test_show_sample_wraps_loss_in_brackets(tokenizer):
@@ -141,7 +142,7 @@ def test_tokenize_conversations_drops_and_counts_too_long(tokenizer):
 def test_tokenize_documents_blocks(tokenizer):
     texts = ["Bees make honey from nectar.", "A colony has one queen.", "Drones do not sting, but workers do."]
     docs = [Document(text, f"f:{i}") for i, text in enumerate(texts)]
-    block = 4
+    block = 5
     result = tokenize_documents(tokenizer, docs, block)
     eos = tokenizer.eos_token_id
 
